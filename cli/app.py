@@ -1,0 +1,120 @@
+"""The `cskd-cache` command line. It only parses flags and calls the library; errors are one line, exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Optional
+
+import typer
+
+from cskd_cache.errors import CacheError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Offline teacher-label cache for Cumulative Spatial Knowledge Distillation (CSKD).")
+
+
+def _fail(message: str, code: int = 2):
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def user_errors(fn):
+    """Turn the library's user-facing errors (and a few OS ones) into a one-line message and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CacheError as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            _fail("interrupted; run the same command again to resume", code=130)
+        except OSError as e:
+            _fail(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def precompute(
+    data: str = typer.Option(..., help="ImageFolder directory or WebDataset .tar shards (brace patterns, URLs)."),
+    out: str = typer.Option(..., help="Cache to write (a Zarr v3 group); an unfinished one is resumed."),
+    teacher: str = typer.Option("regnety_160", help="timm CNN name (regnety_160 = DeiT's teacher)."),
+    pretrained: bool = typer.Option(False, help="Load weights through timm / the Hugging Face hub."),
+    teacher_checkpoint: Optional[str] = typer.Option(None, help="Local weights (.pth or .safetensors)."),
+    epochs: int = typer.Option(1, help="Augmented epochs to cache (training cycles them)."),
+    encoding: str = typer.Option("ckf", help="ckf (exact CKF targets, default) | full | topk."),
+    ckf_width: int = typer.Option(8, help="ckf: candidate slots per position before spilling."),
+    topk: int = typer.Option(10, help="topk: dense classes kept per position."),
+    global_topk: int = typer.Option(10, help="Global classes kept for the distillation token (ckf, topk)."),
+    repeats: int = typer.Option(1, help="Repeated augmentation: each drawn sample R times per epoch (DeiT: 3)."),
+    seed: int = typer.Option(0, help="Plan seed."),
+    input_size: int = typer.Option(224, help="Augmented view size in pixels."),
+    auto_augment: str = typer.Option("rand-m9-mstd0.5-inc1", help="timm auto-augment spec, or 'none'."),
+    re_prob: float = typer.Option(0.25, help="Random erasing probability."),
+    mixup: float = typer.Option(0.8, help="Mixup alpha (0 = off)."),
+    cutmix: float = typer.Option(1.0, help="CutMix alpha (0 = off)."),
+    mix_prob: float = typer.Option(1.0, help="Probability that a pair is mixed."),
+    switch_prob: float = typer.Option(0.5, help="Probability of cutmix when both are on."),
+    smoothing: float = typer.Option(0.1, help="Label smoothing of the mixed targets (recorded for training)."),
+    batch_size: int = typer.Option(64, help="Views per teacher batch (even)."),
+    workers: int = typer.Option(4, help="Data-loading worker processes."),
+    chunk_views: int = typer.Option(64, help="Views per Zarr chunk."),
+    shard_views: int = typer.Option(2048, help="Views per Zarr shard (the unit of work and of resume)."),
+    skip_bad: bool = typer.Option(False, help="Check every image first; skip and list undecodable ones."),
+    overwrite: bool = typer.Option(False, help="Replace a cache made with other settings."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: GPU when present)."),
+    max_shards: Optional[int] = typer.Option(None, hidden=True),
+):
+    """Run the teacher once over augmented views and store its dense and global outputs."""
+    from cskd_cache.precompute import PrecomputeConfig
+    from cskd_cache.precompute import precompute as run
+    from cskd_cache.views import Recipe
+
+    recipe = Recipe(input_size=input_size, auto_augment=None if auto_augment.lower() == "none" else auto_augment,
+                    re_prob=re_prob, mixup_alpha=mixup, cutmix_alpha=cutmix, mix_prob=mix_prob,
+                    switch_prob=switch_prob, label_smoothing=smoothing)
+    cfg = PrecomputeConfig(data=data, out=out, teacher=teacher, pretrained=pretrained,
+                           teacher_checkpoint=teacher_checkpoint, epochs=epochs, encoding=encoding,
+                           ckf_width=ckf_width, topk=topk, global_topk=global_topk, repeats=repeats, seed=seed,
+                           recipe=recipe, batch_size=batch_size, workers=workers, chunk_views=chunk_views,
+                           shard_views=shard_views, skip_bad=skip_bad, overwrite=overwrite, device=device,
+                           max_shards=max_shards)
+    cache = run(cfg)
+    state = "complete" if cache.complete else "incomplete (run the same command again to resume)"
+    typer.echo(f"{out}: {cache.total_views} views, {cache.manifest['encoding']['name']} encoding, {state}")
+
+
+@app.command()
+@user_errors
+def inspect(cache: str = typer.Argument(..., help="Cache path or URL."),
+            as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
+    """Print a cache's manifest, array shapes, bytes per view and completeness."""
+    from cskd_cache.verify import describe_cache, format_description
+
+    info = describe_cache(cache)
+    typer.echo(json.dumps(info, indent=2, default=str) if as_json else format_description(info))
+
+
+@app.command()
+@user_errors
+def verify(cache: str = typer.Argument(..., help="Cache path or URL."),
+           replay: int = typer.Option(0, help="Also replay this many views and compare pixel fingerprints "
+                                            "(needs --data)."),
+           data: Optional[str] = typer.Option(None, help="Dataset, for --replay.")):
+    """Read every chunk (crc32c checked), check completeness, optionally replay views."""
+    from cskd_cache.verify import verify_cache
+
+    report = verify_cache(cache, replay=replay, data=data)
+    typer.echo(report)
+
+
+def main() -> None:
+    app(prog_name="cskd-cache")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Stage one: run the teacher once over every planned view and write its outputs, shard by shard.
+
+Resumable by construction: a shard is either marked done (and never recomputed) or redone from its start, and a
+shard's batches are always the same, so a resumed cache equals an uninterrupted one array for array. Under
+torchrun, rank r owns shards r, r + world, ...: no two processes ever write one shard.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import store
+from .data import find_bad_images, open_source
+from .distributed import Dist, init_distributed
+from .encodings import make_encoding
+from .errors import CacheError
+from .plan import make_epoch_plan
+from .teacher import create_teacher
+from .views import PairDataset, Recipe, collate_pairs, pair_items
+
+
+@dataclass
+class PrecomputeConfig:
+    data: str
+    out: str
+    teacher: str
+    pretrained: bool = False
+    teacher_checkpoint: str | None = None
+    epochs: int = 1
+    encoding: str = "ckf"
+    ckf_width: int = 8
+    topk: int = 10
+    global_topk: int = 10
+    repeats: int = 1
+    seed: int = 0
+    recipe: Recipe = field(default_factory=Recipe)
+    batch_size: int = 64  # views per teacher batch (even: views come in mixing pairs)
+    workers: int = 4
+    chunk_views: int = 64
+    shard_views: int = 2048
+    skip_bad: bool = False
+    overwrite: bool = False
+    device: str | None = None
+    max_shards: int | None = None  # stop after this many shards (for tests of interruption and for budgets)
+
+
+def _check(cfg: PrecomputeConfig) -> None:
+    if cfg.batch_size < 2 or cfg.batch_size % 2:
+        raise CacheError("--batch-size must be an even number >= 2 (views are mixed in pairs)")
+    if cfg.chunk_views % 2 or cfg.shard_views % cfg.chunk_views:
+        raise CacheError("--shard-views must be a multiple of --chunk-views, and both even")
+    if cfg.epochs < 1:
+        raise CacheError("--epochs must be >= 1")
+
+
+def _existing_manifest(out: str) -> dict | None:
+    try:
+        return store.Cache.open(out, mode="r").manifest
+    except CacheError:
+        if os.path.isdir(out) and os.listdir(out):
+            raise CacheError(f"--out {out} exists and is not a cskd-cache; choose another path") from None
+        return None
+
+
+def build_manifest(cfg: PrecomputeConfig, source, teacher_info: dict, grid, num_classes: int,
+                   bad: list[str], encoding) -> dict:
+    params = cfg.recipe.plan_params(len(source), cfg.epochs, cfg.seed, cfg.repeats)
+    num_shards = -(-params.total_views // cfg.shard_views)
+    return {
+        "format": store.FORMAT, "format_version": store.FORMAT_VERSION,
+        "teacher": dict(teacher_info, input_size=cfg.recipe.input_size),
+        "dataset": source.describe(),
+        "recipe": cfg.recipe.to_dict(),
+        "plan": params.to_dict(),
+        "encoding": encoding.describe(),
+        "grid": list(grid), "num_classes": num_classes,
+        "layout": {"total_views": params.total_views, "views_per_epoch": params.views_per_epoch,
+                   "chunk_views": cfg.chunk_views, "shard_views": cfg.shard_views, "num_shards": num_shards,
+                   "view_index": "epoch * views_per_epoch + position"},
+        "bad_samples": bad,
+    }
+
+
+class _Writer(threading.Thread):
+    """Writes finished shards in the background so the teacher never waits on storage."""
+
+    def __init__(self, cache: store.Cache):
+        super().__init__(daemon=True)
+        self.cache, self.jobs, self.error = cache, queue.Queue(maxsize=2), None
+
+    def run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if self.error is None:
+                try:
+                    store.write_shard(self.cache, *job)
+                except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                    self.error = e
+
+    def put(self, job) -> None:
+        self._raise()
+        self.jobs.put(job)
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            e = self.error
+            if isinstance(e, OSError):
+                raise CacheError(f"writing {self.cache.url} failed: {e.strerror or e} (free space or fix the "
+                                 "storage, then run the same command again to resume)") from None
+            raise e
+
+
+def precompute(cfg: PrecomputeConfig, dist: Dist | None = None) -> store.Cache:
+    _check(cfg)
+    dist = dist or init_distributed()
+    device = dist.device(cfg.device)
+    source = open_source(cfg.data)
+    teacher, teacher_info = create_teacher(cfg.teacher, pretrained=cfg.pretrained,
+                                           checkpoint=cfg.teacher_checkpoint)
+    teacher = teacher.to(device)
+    grid = teacher.grid(cfg.recipe.input_size)
+    num_classes = teacher_info["num_classes"]
+    teacher_info["global_equals_output"] = teacher.check_global_equals_output(cfg.recipe.input_size)
+    encoding = make_encoding(cfg.encoding, num_classes, grid[0] * grid[1], ckf_width=cfg.ckf_width,
+                             topk=cfg.topk, global_topk=cfg.global_topk)
+    if max(source.labels) >= num_classes:
+        raise CacheError(f"--data has labels up to {max(source.labels)} but the teacher has {num_classes} "
+                         "classes; fine-tune the teacher on this dataset first (cskd-cache fit-teacher)")
+
+    if dist.main:
+        old = _existing_manifest(cfg.out)
+        bad_ids = []
+        if old is not None and not cfg.overwrite:
+            bad_ids = [i for i, k in enumerate(source.keys) if k in set(old.get("bad_samples", []))]
+        elif cfg.skip_bad:
+            bad_ids = find_bad_images(source, workers=cfg.workers)
+        used = source.subset([i for i in range(len(source)) if i not in set(bad_ids)]) if bad_ids else source
+        manifest = build_manifest(cfg, used, teacher_info, grid, num_classes,
+                                  [source.keys[i] for i in bad_ids], encoding)
+        manifest["dataset"] = dict(source.describe(), used_samples=len(used))
+        if old is not None and not cfg.overwrite:
+            why = store.manifest_mismatch(old, manifest)
+            if why:
+                raise CacheError(f"--out {cfg.out} holds a cache made with {why}; pass --overwrite to replace it "
+                                 "or choose another --out")
+        else:
+            cache = store.create_cache(cfg.out, manifest, used.keys, used.labels, encoding, cfg.chunk_views,
+                                       overwrite=cfg.overwrite)
+            params = cfg.recipe.plan_params(len(used), cfg.epochs, cfg.seed, cfg.repeats)
+            for e in range(cfg.epochs):
+                store.write_epoch_plan(cache, e, make_epoch_plan(params, e))
+    dist.barrier()
+    cache = store.Cache.open(cfg.out, mode="r+")
+    bad = set(cache.manifest["bad_samples"])
+    used = source.subset([i for i, k in enumerate(source.keys) if k not in bad]) if bad else source
+    _run_shards(cfg, cache, used, teacher, encoding, dist, device)
+    dist.barrier()
+    if dist.main and cache.done_shards().all():
+        store.finalize(cache)
+    return cache
+
+
+def _run_shards(cfg, cache: store.Cache, source, teacher, encoding, dist: Dist, device) -> None:
+    done = cache.done_shards()
+    mine = [s for s in range(cache.num_shards) if s % dist.world == dist.rank and not done[s]]
+    if cfg.max_shards is not None:
+        mine = mine[: cfg.max_shards]
+    vpe = cache.views_per_epoch
+    plan = lru_cache(maxsize=2)(cache.epoch_plan)
+    batches, owner = [], []  # each batch lies within one shard and one epoch, always cut the same way
+    for s in mine:
+        start, stop = cache.shard_range(s)
+        for a in range(start, stop, cfg.batch_size):
+            b = min(a + cfg.batch_size, stop)
+            cut = (a // vpe + 1) * vpe  # an epoch boundary inside the batch splits it
+            for lo, hi in ((a, min(b, cut)), (cut, b)) if cut < b else ((a, b),):
+                batches.append(pair_items(plan, lo, hi, vpe))
+                owner.append(s)
+    loader = torch.utils.data.DataLoader(
+        PairDataset(source, cache_recipe(cache)), batch_sampler=batches, num_workers=cfg.workers,
+        collate_fn=collate_pairs, pin_memory=device.type == "cuda", persistent_workers=False,
+        prefetch_factor=4 if cfg.workers else None)
+    use_amp = device.type == "cuda"
+    if use_amp:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    writer = _Writer(cache)
+    writer.start()
+    total = sum(cache.shard_range(s)[1] - cache.shard_range(s)[0] for s in mine)
+    bar = tqdm(total=total, unit="view", desc=f"precompute[{dist.rank}]", disable=None, dynamic_ncols=True)
+    parts: list = []
+    try:
+        for i, batch in enumerate(loader):
+            if "error" in batch:
+                raise CacheError(f"--data: {batch['error']}")
+            x = batch["image"].to(device, non_blocking=True)
+            if use_amp:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                dense, glob = teacher(x)
+            enc, spill = encoding.encode(dense.float(), glob.float())
+            parts.append(({k: v.cpu().numpy() for k, v in enc.items()}, batch["fingerprint"].numpy(),
+                          None if spill is None else {k: v.cpu().numpy() for k, v in spill.items()},
+                          int(batch["view"][0])))
+            bar.update(len(x))
+            if i + 1 == len(batches) or owner[i + 1] != owner[i]:
+                writer.put(_assemble(cache, owner[i], parts))
+                parts = []
+    finally:
+        bar.close()
+    writer.close()
+
+
+def cache_recipe(cache: store.Cache) -> Recipe:
+    return Recipe.from_dict({k: v for k, v in cache.manifest["recipe"].items() if k != "library_versions"})
+
+
+def _assemble(cache: store.Cache, shard: int, parts: list) -> tuple:
+    start, _ = cache.shard_range(shard)
+    arrays = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
+    fps = np.concatenate([p[1] for p in parts])
+    spills = [dict(s, view=s["view"] + (v0 - start)) for _, _, s, v0 in parts if s is not None and len(s["view"])]
+    spill = {k: np.concatenate([s[k] for s in spills]) for k in spills[0]} if spills else None
+    return shard, arrays, fps, spill

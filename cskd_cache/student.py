@@ -1,0 +1,91 @@
+"""The CSKD student: a timm DeiT with a distillation token whose distillation head also reads every patch token.
+
+Training outputs (CSKD paper, official code):
+  cls   [B, K]        class token -> head
+  dist  [B, K]        distillation token -> head_dist
+  dense [B, K, h, w]  head_dist on every patch token, laid out on the patch grid (row-major, as ViT patchifies)
+                      and average-pooled in logit space down to the teacher's grid (e.g. 14x14 -> 7x7, kernel 2)
+Eval prediction: mean of cls, dist and the patch-mean of the (unpooled) dense logits.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import CacheError
+
+# Short names for the three DeiT sizes of the paper; all three must carry a distillation token.
+STUDENT_ALIASES = {
+    "deit_ti": "deit_tiny_distilled_patch16_224",
+    "deit_s": "deit_small_distilled_patch16_224",
+    "deit_b": "deit_base_distilled_patch16_224",
+}
+
+
+def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class CSKDStudent(nn.Module):
+    """Wraps (does not copy) a timm ViT with a distillation token (timm's VisionTransformerDistilled)."""
+
+    def __init__(self, model: nn.Module, teacher_grid: tuple[int, int]) -> None:
+        super().__init__()
+        name = type(model).__name__
+        # A plain ViT has no second token to train against the teacher: refuse instead of silently using the cls token.
+        if getattr(model, "dist_token", None) is None or not isinstance(getattr(model, "head_dist", None), nn.Linear):
+            raise CacheError(f"student {name} has no distillation token/head; use a *_distilled_* DeiT (e.g. deit_s)")
+        if getattr(model, "global_pool", "token") != "token":  # forward_head reads tokens 0 and 1, nothing else
+            raise CacheError(f"student {name} must use global_pool='token', got {model.global_pool!r}")
+        self.model = model
+        self.teacher_grid = _pair(teacher_grid)
+        self.patch_grid = _pair(model.patch_embed.grid_size)
+        self.kernel = self._kernel(self.patch_grid)
+
+    def _kernel(self, grid: tuple[int, int]) -> tuple[int, int]:
+        (H, W), (h, w) = grid, self.teacher_grid
+        if h < 1 or w < 1 or H % h or W % w:  # non-integer windows would mix patches unevenly across positions
+            raise CacheError(f"student patch grid {H}x{W} is not divisible by the teacher grid {h}x{w}; "
+                             f"pick an input size where it is (e.g. 224 px: 14x14 patches, 7x7 teacher)")
+        return H // h, W // w
+
+    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """cls [B,K], dist [B,K], unpooled dense [B,K,H,W]."""
+        m = self.model
+        grid = self.patch_grid
+        if getattr(m, "dynamic_img_size", False):  # the grid follows the input size
+            grid = _pair(m.patch_embed.dynamic_feat_size(tuple(x.shape[-2:])))
+        tokens = m.forward_features(x)  # [B, prefix + H*W, D], final norm already applied
+        tokens = m.head_drop(tokens)  # timm's forward_head drops cls/dist this way; patches get the same
+        cls = m.head(tokens[:, 0])
+        dist = m.head_dist(tokens[:, 1])
+        dense = m.head_dist(tokens[:, m.num_prefix_tokens:])  # [B, H*W, K]
+        B, _, K = dense.shape
+        return cls, dist, dense.transpose(1, 2).reshape(B, K, *grid)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        cls, dist, dense = self._heads(x)
+        kernel = self._kernel(tuple(dense.shape[-2:]))  # cheap; re-checks grids that follow the input size
+        if kernel != (1, 1):
+            # Pool logits, not features, as the paper does (equal for a linear head, but not once head_drop is on).
+            dense = F.avg_pool2d(dense, kernel_size=kernel, stride=kernel)
+        return {"cls": cls, "dist": dist, "dense": dense}
+
+    def predict(self, x: Tensor) -> Tensor:
+        """Eval prediction [B, K]: the three heads weigh equally (official CSKD inference)."""
+        cls, dist, dense = self._heads(x)
+        return (cls + dist + dense.mean(dim=(2, 3))) / 3
+
+
+def create_student(name: str, num_classes: int, img_size: int, teacher_grid: tuple[int, int],
+                   drop_path: float = 0.0, pretrained: bool = False) -> CSKDStudent:
+    """A timm model by alias or timm name. drop_path 0.0 is the official CSKD configs' value (DeiT's own is 0.1)."""
+    timm_name = STUDENT_ALIASES.get(name, name)
+    if not timm.is_model(timm_name):
+        raise CacheError(f"unknown student {name!r}; use one of {sorted(STUDENT_ALIASES)} or a timm model name")
+    model = timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, img_size=img_size,
+                              drop_path_rate=drop_path)
+    return CSKDStudent(model, teacher_grid)

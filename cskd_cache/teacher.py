@@ -1,0 +1,135 @@
+"""The CNN teacher: dense logits (its head at every position of the last feature map) and global logits.
+
+We wrap a timm model rather than fork it. The head is applied position by position by feeding each feature
+vector to timm's own `forward_head` as a 1x1 map: average pooling of a 1x1 map is the identity, so this is the
+teacher's classifier at that position whatever the head holds (fc, conv 1x1, norm + fc). The global logits are
+the spatial mean of the dense ones (the paper's definition); for a linear head after average pooling that is
+exactly the teacher's own output, which `check_global_equals_output` verifies on the loaded model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import timm
+import torch
+import torch.nn as nn
+
+from .errors import CacheError
+
+# DeiT's (and CSKD's) teacher. timm's bare `regnety_160` resolves to other (in12k) weights, so name it exactly.
+TEACHER_ALIASES = {"regnety_160": "regnety_160.deit_in1k"}
+
+
+class DenseTeacher(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.eval()
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, 3, H, W] -> dense [B, h*w, K] and global [B, K], both float32."""
+        feats = self.model.forward_features(x)
+        if feats.ndim != 4:
+            raise CacheError(f"teacher {self.name!r} has no spatial feature map (forward_features gives shape "
+                             f"{tuple(feats.shape)}); use a CNN teacher such as regnety_160")
+        b, c, h, w = feats.shape
+        per_position = feats.permute(0, 2, 3, 1).reshape(b * h * w, c, 1, 1)
+        dense = self.model.forward_head(per_position).float().reshape(b, h * w, -1)
+        return dense, dense.mean(dim=1)
+
+    @property
+    def name(self) -> str:
+        return self.model.pretrained_cfg.get("architecture", type(self.model).__name__)
+
+    def grid(self, input_size: int) -> tuple[int, int]:
+        with torch.inference_mode():
+            p = next(self.model.parameters())
+            feats = self.model.forward_features(torch.zeros(1, 3, input_size, input_size, device=p.device))
+        if feats.ndim != 4:
+            raise CacheError(f"teacher {self.name!r} has no spatial feature map (forward_features gives shape "
+                             f"{tuple(feats.shape)}); use a CNN teacher such as regnety_160")
+        return int(feats.shape[2]), int(feats.shape[3])
+
+    @torch.inference_mode()
+    def check_global_equals_output(self, input_size: int, atol: float = 1e-4) -> bool:
+        """True when the mean of the dense logits is the model's own pooled prediction (a linear head)."""
+        p = next(self.model.parameters())
+        x = torch.randn(2, 3, input_size, input_size, generator=torch.Generator().manual_seed(0)).to(p.device)
+        _, glob = self(x)
+        out = self.model(x).float()
+        return bool(torch.allclose(glob, out, atol=atol, rtol=1e-4))
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """Hash of the weights themselves (names, shapes, bytes), so the cache names the exact teacher it used."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(f"{tuple(t.shape)} {t.dtype}".encode())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _classifier_width(name: str, state: dict) -> int | None:
+    """Classes of a fine-tuned checkpoint, read from its classifier weight (timm's cfg names the layer)."""
+    key = timm.models.get_pretrained_cfg_value(name, "classifier") or "fc"
+    w = state.get(f"{key}.weight")
+    return int(w.shape[0]) if w is not None else None
+
+
+def create_teacher(name: str, *, pretrained: bool = False, checkpoint: str | None = None,
+                   num_classes: int | None = None) -> tuple[DenseTeacher, dict]:
+    """Any timm CNN by name; weights from the hub (`pretrained`) or a local .pth/.safetensors file (weights only)."""
+    if not pretrained and not checkpoint:
+        raise CacheError("no teacher weights: pass --pretrained (timm / Hugging Face hub) or "
+                         "--teacher-checkpoint PATH (.pth or .safetensors)")
+    name = TEACHER_ALIASES.get(name, name)
+    if checkpoint and not os.path.isfile(checkpoint):
+        raise CacheError(f"--teacher-checkpoint: no such file: {checkpoint}")
+    if not timm.is_model(name) and not timm.list_models(name):
+        raise CacheError(f"--teacher: unknown timm model {name!r} (see timm.list_models())")
+    state = None
+    if checkpoint:
+        try:
+            # timm's loader: safetensors, or torch.load(weights_only=True); unwraps 'state_dict'/'model' keys.
+            state = timm.models.load_state_dict(checkpoint, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure here is the file's fault, say which
+            raise CacheError(f"--teacher-checkpoint {checkpoint}: not a readable weights file "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        num_classes = num_classes or _classifier_width(name, state)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    try:
+        model = timm.create_model(name, pretrained=pretrained and not checkpoint, **kwargs)
+    except (OSError, RuntimeError, ValueError) as e:  # hub unreachable, no such weights, ...
+        raise CacheError(f"--teacher {name}: cannot get pretrained weights ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); download them elsewhere and pass "
+                         "--teacher-checkpoint PATH") from None
+    if state is not None:
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            detail = " ".join(str(e).split())[:300]
+            raise CacheError(f"--teacher-checkpoint {checkpoint}: does not fit {name} ({detail})") from None
+    teacher = DenseTeacher(model)
+    info = {
+        "name": name,
+        "architecture": teacher.name,
+        "pretrained_tag": model.pretrained_cfg.get("tag") if pretrained and not checkpoint else None,
+        "checkpoint": os.path.basename(checkpoint) if checkpoint else None,
+        "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
+        "weights_sha256": state_dict_sha256(model),
+        "num_classes": model.num_classes,
+        "mean": list(model.pretrained_cfg.get("mean", ())),
+        "std": list(model.pretrained_cfg.get("std", ())),
+    }
+    return teacher, info

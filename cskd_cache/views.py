@@ -1,0 +1,173 @@
+"""Augmentation replay: (image, view seed, pair parameters) -> the exact augmented tensor.
+
+Stage one and stage two call the same functions, so a cached teacher output always belongs to the pixels the
+student sees. The per-image part is timm's own training transform (DeiT's recipe); every random draw it makes
+comes from Python's `random`, NumPy's global generator and torch's global generator, which we seed from the
+view's seed around each call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+
+from .plan import MODE_CUTMIX, MODE_MIXUP, PlanParams
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """DeiT/CSKD training augmentation. Stored in full in every cache; a cache is only used with its recipe."""
+
+    input_size: int = 224
+    interpolation: str = "bicubic"
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.3  # timm ignores it when auto_augment is set, as DeiT does; kept for the record
+    re_prob: float = 0.25
+    re_mode: str = "pixel"
+    re_count: int = 1
+    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
+    std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    mix_prob: float = 1.0
+    switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+    library_versions: dict = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["library_versions"] = library_versions()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        return cls(**d)
+
+    def plan_params(self, num_samples: int, epochs: int, seed: int, repeats: int) -> PlanParams:
+        return PlanParams(
+            num_samples=num_samples, epochs=epochs, seed=seed, repeats=repeats,
+            mixup_alpha=self.mixup_alpha, cutmix_alpha=self.cutmix_alpha, mix_prob=self.mix_prob,
+            switch_prob=self.switch_prob, input_size=self.input_size,
+        )
+
+
+def library_versions() -> dict:
+    """Versions whose changes can alter augmented pixels; a drift is then caught by view fingerprints."""
+    import PIL
+    import timm
+    import torchvision
+
+    return {"torch": torch.__version__.split("+")[0], "torchvision": torchvision.__version__.split("+")[0],
+            "timm": timm.__version__, "pillow": PIL.__version__, "numpy": np.__version__}
+
+
+def build_transform(recipe: Recipe):
+    """timm's training transform for the recipe (RandomResizedCrop, flip, RandAugment, erasing, normalize)."""
+    return create_transform(
+        recipe.input_size, is_training=True, scale=recipe.scale, ratio=recipe.ratio, hflip=recipe.hflip,
+        auto_augment=recipe.auto_augment, color_jitter=recipe.color_jitter, interpolation=recipe.interpolation,
+        mean=recipe.mean, std=recipe.std, re_prob=recipe.re_prob, re_mode=recipe.re_mode,
+        re_count=recipe.re_count,
+    )
+
+
+def build_eval_transform(recipe: Recipe):
+    return create_transform(recipe.input_size, is_training=False, interpolation=recipe.interpolation,
+                            mean=recipe.mean, std=recipe.std, crop_pct=0.875)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Seed the three global generators timm draws from, and put the caller's states back afterwards."""
+    py, npy, th = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py), np.random.set_state(npy), torch.random.set_rng_state(th)
+
+
+def augment(transform, image: Image.Image, seed: int) -> torch.Tensor:
+    """One image's augmented, normalized tensor [3, H, W]; the same (image, seed) always gives the same tensor."""
+    with _seeded(int(seed)):
+        return transform(image)
+
+
+def mix_pair(xa: torch.Tensor, xb: torch.Tensor, lam: float, mode: int, box) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's Mixup in pair mode: each view is its own image mixed with its partner's, with the same lambda."""
+    if mode == MODE_MIXUP:
+        lam = torch.tensor(lam, dtype=xa.dtype)
+        return xa * lam + xb * (1 - lam), xb * lam + xa * (1 - lam)
+    if mode == MODE_CUTMIX:
+        y0, y1, x0, x1 = (int(b) for b in box)
+        ya, yb = xa.clone(), xb.clone()
+        ya[:, y0:y1, x0:x1] = xb[:, y0:y1, x0:x1]
+        yb[:, y0:y1, x0:x1] = xa[:, y0:y1, x0:x1]
+        return ya, yb
+    return xa, xb
+
+
+def replay_pair(transform, image_a: Image.Image, image_b: Image.Image, seed_a: int, seed_b: int,
+                lam: float, mode: int, box) -> tuple[torch.Tensor, torch.Tensor]:
+    """The views at positions 2k and 2k+1 of a plan, exactly as the student and the teacher see them."""
+    return mix_pair(augment(transform, image_a, seed_a), augment(transform, image_b, seed_b), lam, mode, box)
+
+
+def fingerprint(view: torch.Tensor) -> int:
+    """A short hash of a view's pixels (quantised to 1/256 so that it names the image, not float noise)."""
+    q = torch.round(view.float() * 256).to(torch.int32).contiguous().numpy()
+    digest = hashlib.blake2b(q.tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Replays mixing pairs. Items are the pair's plan entries (see `pair_items`), handed in by the sampler,
+    so workers never open the cache (zarr's async machinery does not survive a fork)."""
+
+    def __init__(self, source, recipe: Recipe):
+        self.source, self.recipe = source, recipe
+        self.transform = build_transform(recipe)
+
+    def __getitem__(self, item: tuple) -> dict:
+        view, sample_a, sample_b, seed_a, seed_b, lam, mode, box = item
+        from .errors import BadImageError
+
+        try:
+            img_a, img_b = self.source.load(int(sample_a)), self.source.load(int(sample_b))
+        except BadImageError as e:  # carried as data: DataLoader cannot re-raise exceptions with custom args
+            return {"error": str(e)}
+        xa, xb = replay_pair(self.transform, img_a, img_b, seed_a, seed_b, float(lam), int(mode), box)
+        return {"view": torch.tensor([view, view + 1]), "image": torch.stack([xa, xb]),
+                "fingerprint": torch.tensor([fingerprint(xa), fingerprint(xb)], dtype=torch.int64)}
+
+    def __len__(self) -> int:  # items come from the sampler; length is not meaningful
+        return 0
+
+
+def pair_items(plan, start: int, stop: int, views_per_epoch: int) -> list[tuple]:
+    """Plan entries of the pairs in views [start, stop) (even bounds, within one epoch)."""
+    epoch, p0 = divmod(start, views_per_epoch)
+    ep = plan(epoch)
+    return [(start + p - p0, int(ep.sample[p]), int(ep.sample[p + 1]), int(ep.seed[p]), int(ep.seed[p + 1]),
+             float(ep.lam[p]), int(ep.mode[p]), tuple(int(b) for b in ep.box[p]))
+            for p in range(p0, p0 + stop - start, 2)]
+
+
+def collate_pairs(items: list[dict]) -> dict:
+    errors = [it["error"] for it in items if "error" in it]
+    if errors:
+        return {"error": errors[0]}
+    return {k: torch.cat([it[k] for it in items]) for k in items[0]}

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny generated images and tiny teachers, so every test runs offline in seconds."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before timm imports huggingface_hub: fail at once, not after retries
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+torch.set_num_threads(2)
+
+NUM_CLASSES = 4
+TEACHER = "test_resnet"
+
+
+def make_images(root, per_class: int = 6, classes: int = NUM_CLASSES, size: int = 40, seed: int = 0):
+    """An ImageFolder of small random-ish images: class c has a bright blob in a class-specific corner."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = root / f"class_{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 120, size=(size, size, 3), dtype=np.uint8)
+            y, x = (c // 2) * size // 2, (c % 2) * size // 2
+            img[y:y + size // 2, x:x + size // 2] += 100
+            Image.fromarray(img).save(d / f"img_{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return make_images(tmp_path / "images")
+
+
+@pytest.fixture(scope="session")
+def teacher_checkpoint(tmp_path_factory):
+    """Weights a user would have fine-tuned: a timm test CNN with NUM_CLASSES outputs, saved as .pth."""
+    torch.manual_seed(0)
+    model = timm.create_model(TEACHER, num_classes=NUM_CLASSES)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def precompute_args(data, out, ckpt, *extra) -> list[str]:
+    """CLI flags for a tiny, fast cache: 64 px views (2x2 teacher grid), no RandAugment, small shards."""
+    return ["precompute", "--data", str(data), "--out", str(out), "--teacher", TEACHER,
+            "--teacher-checkpoint", str(ckpt), "--input-size", "64", "--auto-augment", "none",
+            "--batch-size", "8", "--chunk-views", "4", "--shard-views", "8", "--workers", "0", *extra]
