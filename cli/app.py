@@ -43,7 +43,8 @@ def precompute(
     data: str = typer.Option(..., help="ImageFolder directory or WebDataset .tar shards (brace patterns, URLs)."),
     out: str = typer.Option(..., help="Cache to write (a Zarr v3 group); an unfinished one is resumed."),
     teacher: str = typer.Option("regnety_160", help="timm CNN name (regnety_160 = DeiT's teacher)."),
-    pretrained: bool = typer.Option(False, help="Load weights through timm / the Hugging Face hub."),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained",
+                                    help="Weights through timm / the Hugging Face hub (unless a checkpoint is given)."),
     teacher_checkpoint: Optional[str] = typer.Option(None, help="Local weights (.pth or .safetensors)."),
     epochs: int = typer.Option(1, help="Augmented epochs to cache (training cycles them)."),
     encoding: str = typer.Option("ckf", help="ckf (exact CKF targets, default) | full | topk."),
@@ -110,6 +111,44 @@ def verify(cache: str = typer.Argument(..., help="Cache path or URL."),
 
     report = verify_cache(cache, replay=replay, data=data)
     typer.echo(report)
+
+
+@app.command()
+@user_errors
+def train(
+    student: str = typer.Option("deit_s", help="deit_ti | deit_s | deit_b, or any timm ViT with a distillation token."),
+    data: str = typer.Option(..., help="Training data: the dataset the cache was made from."),
+    out: str = typer.Option(..., help="Run folder: checkpoint.pth, metrics.jsonl."),
+    cache: Optional[str] = typer.Option(None, help="Teacher cache (path or URL)."),
+    val_data: Optional[str] = typer.Option(None, help="Validation data (ImageFolder or WebDataset)."),
+    epochs: int = typer.Option(300),
+    teacher_source: str = typer.Option("cache", help="cache | online | none."),
+    teacher: Optional[str] = typer.Option(None, help="online: timm teacher (default: the cache's)."),
+    teacher_checkpoint: Optional[str] = typer.Option(None, help="online: local teacher weights."),
+    alpha_schedule: str = typer.Option("linear", help="CKF alpha decay: linear | x2 | cos."),
+    alpha_per_step: bool = typer.Option(False, help="Update alpha every step (paper: once per epoch)."),
+    distill: str = typer.Option("hard", help="Distillation-token loss: hard | soft."),
+    tau: float = typer.Option(1.0, help="Soft distillation temperature."),
+    base_weight: float = typer.Option(0.5), distill_weight: float = typer.Option(0.5),
+    cskd_weight: float = typer.Option(1.0, help="0 gives DeiT hard distillation without spatial targets."),
+    batch_size: int = typer.Option(64, help="Views per process per step (even)."),
+    lr: Optional[float] = typer.Option(None, help="Default 5e-4 x global batch / 512."),
+    weight_decay: float = typer.Option(0.05), warmup_epochs: int = typer.Option(5),
+    min_lr: float = typer.Option(1e-5), drop_path: float = typer.Option(0.0),
+    ema_decay: float = typer.Option(0.99996, help="Model EMA decay (0 = off)."),
+    clip_grad: Optional[float] = typer.Option(None), workers: int = typer.Option(4),
+    device: Optional[str] = typer.Option(None), resume: bool = typer.Option(False),
+    force: bool = typer.Option(False, help="Use a cache that does not fit --data (knowingly)."),
+    seed: int = typer.Option(0), input_size: int = typer.Option(224, help="Without a cache: view size."),
+    max_steps: Optional[int] = typer.Option(None, help="Cap steps per epoch (quick runs)."),
+):
+    """Train a DeiT student with CSKD from the cache (or an online teacher, or none)."""
+    from cskd_cache.train import TrainConfig
+    from cskd_cache.train import train as run
+
+    history = run(TrainConfig(**{k: v for k, v in locals().items() if k not in ("run", "TrainConfig")}))
+    if history:
+        typer.echo(f"{out}: {len(history)} epochs, last {json.dumps(history[-1])}")
 
 
 def main() -> None:
