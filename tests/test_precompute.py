@@ -131,8 +131,8 @@ def _kill_midway(cmd, out, env):
 
 
 def test_kill_9_then_resume_gives_the_identical_cache(tmp_path, teacher_checkpoint):
-    images = make_images(tmp_path / "images", per_class=12)
-    args = precompute_args(images, tmp_path / "killed.zarr", teacher_checkpoint, "--epochs", "6")
+    images = make_images(tmp_path / "images", per_class=8)
+    args = precompute_args(images, tmp_path / "killed.zarr", teacher_checkpoint, "--epochs", "4")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "cskd_cache", *args]
     _kill_midway(cmd, tmp_path / "killed.zarr", env)
@@ -143,7 +143,7 @@ def test_kill_9_then_resume_gives_the_identical_cache(tmp_path, teacher_checkpoi
     assert "incomplete" in text
     assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0  # the same command resumes
     assert Cache.open(str(tmp_path / "killed.zarr")).complete
-    ref = precompute_args(images, tmp_path / "ref.zarr", teacher_checkpoint, "--epochs", "6")
+    ref = precompute_args(images, tmp_path / "ref.zarr", teacher_checkpoint, "--epochs", "4")
     assert run_cli(*ref)[0] == 0
     assert_same_cache(tmp_path / "killed.zarr", tmp_path / "ref.zarr")
 
