@@ -170,7 +170,7 @@ def train(cfg: TrainConfig, dist: Dist | None = None) -> list[dict]:
                                              collate_fn=collate_pairs, pin_memory=device.type == "cuda")
         model.train()
         sums, seen, t0 = {}, 0, time.time()
-        bar = tqdm(loader, total=steps, desc=f"epoch {epoch}", unit="batch", disable=None or not dist.main)
+        bar = tqdm(loader, total=steps, desc=f"epoch {epoch}", unit="batch", disable=None if dist.main else True)
         for step, batch in enumerate(bar):
             if "error" in batch:
                 raise CacheError(f"--data: {batch['error']}")
