@@ -139,8 +139,10 @@ def train(
     clip_grad: Optional[float] = typer.Option(None), workers: int = typer.Option(4),
     device: Optional[str] = typer.Option(None), resume: bool = typer.Option(False),
     force: bool = typer.Option(False, help="Use a cache that does not fit --data (knowingly)."),
-    seed: int = typer.Option(0), input_size: int = typer.Option(224, help="Without a cache: view size."),
+    seed: int = typer.Option(0),
+    input_size: Optional[int] = typer.Option(None, help="Without a cache: view size (default 224)."),
     max_steps: Optional[int] = typer.Option(None, help="Cap steps per epoch (quick runs)."),
+    stop_after: Optional[int] = typer.Option(None, help="Stop after this many epochs; --resume continues."),
 ):
     """Train a DeiT student with CSKD from the cache (or an online teacher, or none)."""
     from cskd_cache.train import TrainConfig
@@ -149,6 +151,51 @@ def train(
     history = run(TrainConfig(**{k: v for k, v in locals().items() if k not in ("run", "TrainConfig")}))
     if history:
         typer.echo(f"{out}: {len(history)} epochs, last {json.dumps(history[-1])}")
+
+
+@app.command("fit-teacher")
+@user_errors
+def fit_teacher(
+    data: str = typer.Option(..., help="Training data (ImageFolder or WebDataset shards)."),
+    out: str = typer.Option(..., help="Weights to write: *.safetensors or *.pth (for --teacher-checkpoint)."),
+    teacher: str = typer.Option("regnety_160", help="timm CNN name."),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained",
+                                    help="Fine-tune timm's weights (hub) or train from scratch."),
+    val_data: Optional[str] = typer.Option(None, help="Validation data: top-1 after every epoch."),
+    epochs: int = typer.Option(10), batch_size: int = typer.Option(64), lr: float = typer.Option(1e-3),
+    weight_decay: float = typer.Option(0.05), warmup_epochs: int = typer.Option(1),
+    smoothing: float = typer.Option(0.1, help="Label smoothing."),
+    input_size: int = typer.Option(224, help="Training crop size in pixels."),
+    workers: int = typer.Option(4), device: Optional[str] = typer.Option(None), seed: int = typer.Option(0),
+):
+    """Fit (or fine-tune) a timm CNN teacher on your dataset before caching it; an interrupted run resumes."""
+    from cskd_cache.fit_teacher import FitTeacherConfig
+    from cskd_cache.fit_teacher import fit_teacher as run
+
+    report = run(FitTeacherConfig(**{k: v for k, v in locals().items() if k not in ("run", "FitTeacherConfig")}))
+    last = report["history"][-1] if report["history"] else {}
+    typer.echo(f"{out}: {report['teacher']} with {report['num_classes']} classes, "
+               f"{len(report['history'])} epochs, last {json.dumps(last)}")
+
+
+@app.command()
+@user_errors
+def demo(
+    out: str = typer.Option("cskd-demo", help="Folder for data, teacher, cache, runs, results.json, accuracy.png."),
+    train_scenes: int = typer.Option(4000), val_scenes: int = typer.Option(500),
+    teacher_epochs: int = typer.Option(5), cache_epochs: int = typer.Option(2),
+    student_epochs: int = typer.Option(10), batch_size: int = typer.Option(32),
+    workers: int = typer.Option(2), device: Optional[str] = typer.Option(None), seed: int = typer.Option(0),
+):
+    """The whole pipeline on digit scenes, nothing to download: fit-teacher, precompute, train three ways."""
+    from cskd_cache.demo import DemoConfig, format_table, run_demo
+
+    results = run_demo(DemoConfig(out=out, train_scenes=train_scenes, val_scenes=val_scenes,
+                                  teacher_epochs=teacher_epochs, cache_epochs=cache_epochs,
+                                  student_epochs=student_epochs, batch_size=batch_size, workers=workers,
+                                  device=device, seed=seed))
+    typer.echo(format_table(results))
+    typer.echo(f"{out}/results.json, {out}/accuracy.png")
 
 
 def main() -> None:

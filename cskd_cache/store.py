@@ -135,6 +135,37 @@ class Cache:
         return out
 
 
+class BlockReader:
+    """Serves views [start, stop) out of whole, chunk-aligned blocks read once. A training step's batch is often
+    smaller than a chunk, and reading per step would decompress the same chunk chunk/batch times over."""
+
+    def __init__(self, cache: Cache):
+        self.cache = cache
+        self.block = int(cache.group["views/fingerprint"].chunks[0])
+        self.start = self.stop = -1
+
+    def _load(self, start: int, stop: int) -> None:
+        if self.start <= start and stop <= self.stop:
+            return
+        a = start - start % self.block
+        b = max(min(a + self.block, self.cache.total_views), stop)
+        self.arrays, self.spill = self.cache.read_views(a, b)
+        self.fingerprints = self.cache.read_fingerprints(a, b)
+        self.start, self.stop = a, b
+
+    def read(self, start: int, stop: int) -> tuple[dict[str, np.ndarray], np.ndarray, dict | None]:
+        """(encoded arrays, fingerprints, spill rows with views counted from `start`) of views [start, stop)."""
+        self._load(start, stop)
+        i, j = start - self.start, stop - self.start
+        spill = None
+        if self.spill is not None:
+            keep = (self.spill["view"] >= i) & (self.spill["view"] < j)
+            if keep.any():
+                spill = {k: v[keep] for k, v in self.spill.items()}
+                spill["view"] = spill["view"] - i
+        return {k: v[i:j] for k, v in self.arrays.items()}, self.fingerprints[i:j], spill
+
+
 # -- creating and writing -------------------------------------------------------------------------
 def manifest_mismatch(old: dict, new: dict) -> str | None:
     """The first identity section that differs, described for a one-line error, or None."""

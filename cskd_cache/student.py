@@ -23,6 +23,10 @@ STUDENT_ALIASES = {
     "deit_s": "deit_small_distilled_patch16_224",
     "deit_b": "deit_base_distilled_patch16_224",
 }
+# Small students for the demo and for CPU runs: DeiT-Ti's architecture made narrower and shallower (timm kwargs).
+STUDENT_VARIANTS = {
+    "deit_demo": ("deit_tiny_distilled_patch16_224", dict(embed_dim=96, depth=4, num_heads=3)),
+}
 
 
 def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -83,9 +87,12 @@ class CSKDStudent(nn.Module):
 def create_student(name: str, num_classes: int, img_size: int, teacher_grid: tuple[int, int],
                    drop_path: float = 0.0, pretrained: bool = False) -> CSKDStudent:
     """A timm model by alias or timm name. drop_path 0.0 is the official CSKD configs' value (DeiT's own is 0.1)."""
-    timm_name = STUDENT_ALIASES.get(name, name)
+    timm_name, kwargs = STUDENT_VARIANTS.get(name, (STUDENT_ALIASES.get(name, name), {}))
     if not timm.is_model(timm_name):
-        raise CacheError(f"unknown student {name!r}; use one of {sorted(STUDENT_ALIASES)} or a timm model name")
+        raise CacheError(f"unknown student {name!r}; use one of {sorted(STUDENT_ALIASES) + sorted(STUDENT_VARIANTS)} "
+                         "or a timm model name")
+    if kwargs and pretrained:
+        raise CacheError(f"student {name!r} is a resized architecture with no pretrained weights")
     model = timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, img_size=img_size,
-                              drop_path_rate=drop_path)
+                              drop_path_rate=drop_path, **kwargs)
     return CSKDStudent(model, teacher_grid)

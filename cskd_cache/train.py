@@ -27,7 +27,7 @@ from .encodings import make_encoding
 from .errors import CacheError
 from .losses import CSKDLoss, alpha_at, mixup_target
 from .plan import make_epoch_plan
-from .store import Cache, to_torch
+from .store import BlockReader, Cache, to_torch
 from .student import create_student
 from .teacher import create_teacher
 from .views import PairDataset, Recipe, build_eval_transform, collate_pairs, pair_items
@@ -67,7 +67,8 @@ class TrainConfig:
     seed: int = 0
     plan_epochs: int | None = None  # no cache: how many plan epochs to cycle (default: epochs)
     max_steps: int | None = None  # per epoch, for quick runs
-    input_size: int = 224  # no cache: the recipe's view size (a cache brings its own recipe)
+    stop_after: int | None = None  # stop (resumably) once this many epochs are done: budgets, resume tests
+    input_size: int | None = None  # no cache: the view size (default 224); a cache brings its own recipe
 
 
 def _check_cache(cfg: TrainConfig, cache: Cache, source) -> None:
@@ -81,6 +82,34 @@ def _check_cache(cfg: TrainConfig, cache: Cache, source) -> None:
     if max(source.labels) >= m["num_classes"] and not cfg.force:
         raise CacheError(f"--data has {max(source.labels) + 1} classes but the cache's teacher has "
                          f"{m['num_classes']}; pass --force to use it anyway")
+
+
+def _cache_recipe(cfg: TrainConfig, cache: Cache) -> Recipe:
+    """The recipe the cache's views were made with; the student trains on exactly those views."""
+    d = {k: v for k, v in cache.manifest["recipe"].items() if k != "library_versions"}
+    unknown = sorted(set(d) - set(Recipe.__dataclass_fields__))
+    if unknown:
+        raise CacheError(f"--cache {cfg.cache} uses augmentation settings this cskd-cache does not know "
+                         f"({', '.join(unknown)}); upgrade cskd-cache to the version that made it")
+    recipe = Recipe.from_dict(d)
+    if cfg.input_size is not None and cfg.input_size != recipe.input_size:
+        raise CacheError(f"--input-size {cfg.input_size} does not fit --cache {cfg.cache}, whose views are "
+                         f"{recipe.input_size} px; drop --input-size, or precompute a cache at {cfg.input_size} px")
+    return recipe
+
+
+# Flags that may change between a run and its --resume: they do not alter what is computed.
+# --epochs may grow (training extended: the cosine and alpha schedules stretch from the resumed epoch on).
+_RESUME_FREE = {"workers", "device", "resume", "force", "val_data", "epochs", "stop_after"}
+
+
+def _check_resume(cfg: TrainConfig, saved: dict, path: str) -> None:
+    for key, value in asdict(cfg).items():
+        if key in _RESUME_FREE or key not in saved or saved[key] == value:
+            continue
+        flag = "--" + key.replace("_", "-")
+        raise CacheError(f"--resume: {path} was trained with {flag} {saved[key]}, not {value}; "
+                         f"pass the same flags, or a new --out to start another run")
 
 
 def _lr(cfg: TrainConfig, world: int) -> float:
@@ -103,12 +132,17 @@ def train(cfg: TrainConfig, dist: Dist | None = None) -> list[dict]:
     if cache is not None:
         _check_cache(cfg, cache, source)
         index = {k: i for i, k in enumerate(source.keys)}
-        source = source.subset([index[k] for k in cache.sample_keys()])
-        recipe = Recipe.from_dict({k: v for k, v in cache.manifest["recipe"].items() if k != "library_versions"})
+        keys = cache.sample_keys()
+        missing = [k for k in keys if k not in index]
+        if missing:  # --force cannot help: the cached views were made from images --data does not have
+            raise CacheError(f"--data lacks {len(missing)} of the {len(keys)} images --cache {cfg.cache} was made "
+                             f"from (e.g. {missing[0]!r}); train on the data the cache was made from")
+        source = source.subset([index[k] for k in keys])
+        recipe = _cache_recipe(cfg, cache)
         num_classes, grid, encoding = cache.manifest["num_classes"], tuple(cache.manifest["grid"]), cache.encoding
         plan, plan_epochs, vpe = cache.epoch_plan, cache.manifest["plan"]["epochs"], cache.views_per_epoch
     else:
-        recipe = Recipe(input_size=cfg.input_size)
+        recipe = Recipe(input_size=cfg.input_size or 224)
         num_classes = len(source.classes)
         params = recipe.plan_params(len(source), cfg.plan_epochs or cfg.epochs, cfg.seed, 1)
         plan, plan_epochs, vpe = (lambda e: make_epoch_plan(params, e)), params.epochs, params.views_per_epoch
@@ -144,10 +178,10 @@ def train(cfg: TrainConfig, dist: Dist | None = None) -> list[dict]:
     start_epoch, history = 0, []
     if cfg.resume and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)  # our own file
+        _check_resume(cfg, ck.get("config", {}), ckpt_path)
         student.load_state_dict(ck["model"]), optimizer.load_state_dict(ck["optimizer"])
         if ema is not None and ck.get("ema") is not None:
             ema.load_state_dict(ck["ema"])
-        torch.set_rng_state(ck["rng"])
         start_epoch, history = ck["epoch"] + 1, ck["history"]
 
     labels = torch.tensor(source.labels, dtype=torch.int64)
@@ -159,9 +193,13 @@ def train(cfg: TrainConfig, dist: Dist | None = None) -> list[dict]:
     if cfg.max_steps:
         steps = min(steps, cfg.max_steps)
     plan = lru_cache(maxsize=2)(plan)
-    val = _val_loader(cfg, recipe) if cfg.val_data else None
-    for epoch in range(start_epoch, cfg.epochs):
+    reader = BlockReader(cache) if cfg.teacher_source == "cache" else None
+    val = _val_loader(cfg, recipe, dist) if cfg.val_data else None
+    for epoch in range(start_epoch, min(cfg.epochs, cfg.stop_after or cfg.epochs)):
         scheduler.step(epoch)
+        # Each (seed, epoch, rank) has its own random stream (drop path, dropout), so a resumed run draws exactly
+        # what an uninterrupted one would, on every rank, without saving generator states.
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, dist.rank]).generate_state(1)[0]))
         pe = epoch % plan_epochs
         first = pe * vpe
         batches = [pair_items(plan, first + s * global_batch + dist.rank * cfg.batch_size,
@@ -185,7 +223,7 @@ def train(cfg: TrainConfig, dist: Dist | None = None) -> list[dict]:
             alpha = alpha_at(epoch, step, steps, cfg.epochs, cfg.alpha_schedule, cfg.alpha_per_step)
             teacher_kw = {}
             if mode != "none":
-                arrays, spill = _teacher_outputs(cfg, cache, teacher, encoding, x, v0, v1, batch, device)
+                arrays, spill = _teacher_outputs(cfg, reader, teacher, encoding, x, v0, v1, batch, device)
                 teacher_kw = dict(teacher_global=encoding.decode_global(arrays),
                                   teacher_global_argmax=encoding.global_argmax(arrays),
                                   ckf_targets=encoding.decode_targets(arrays, alpha, spill))
@@ -205,13 +243,18 @@ def train(cfg: TrainConfig, dist: Dist | None = None) -> list[dict]:
                 sums[k] = sums.get(k, 0.0) + v * len(x)
             seen += len(x)
             bar.set_postfix(loss=f"{parts['total']:.3f}", img_s=f"{seen * dist.world / (time.time() - t0):.0f}")
+        seconds = time.time() - t0
+        if dist.world > 1:  # losses over all ranks' views, not rank 0's alone
+            totals = torch.tensor([seen, *sums.values()], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(totals)
+            seen, sums = int(totals[0]), dict(zip(sums, totals[1:].tolist()))
         row = {"epoch": epoch, "alpha": alpha, "lr": optimizer.param_groups[0]["lr"],
-               "img_per_s": seen * dist.world / (time.time() - t0), "teacher_source": cfg.teacher_source,
+               "img_per_s": seen / seconds, "teacher_source": cfg.teacher_source,
                **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()}}
         if val is not None:
-            row.update(evaluate(student, val, device))
+            row.update(evaluate(student, val, device, dist))
             if ema is not None:
-                row.update({f"ema_{k}": v for k, v in evaluate(ema.module, val, device).items()})
+                row.update({f"ema_{k}": v for k, v in evaluate(ema.module, val, device, dist).items()})
         history.append(row)
         if dist.main:
             print(json.dumps(row))
@@ -219,7 +262,7 @@ def train(cfg: TrainConfig, dist: Dist | None = None) -> list[dict]:
                 f.write(json.dumps(row) + "\n")
             torch.save({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
                         "ema": ema.state_dict() if ema is not None else None, "epoch": epoch,
-                        "rng": torch.get_rng_state(), "history": history, "config": asdict(cfg)},
+                        "history": history, "config": asdict(cfg)},
                        ckpt_path + ".tmp")
             os.replace(ckpt_path + ".tmp", ckpt_path)  # a kill never leaves a half-written checkpoint
             with open(metrics_path, "w") as f:
@@ -228,16 +271,15 @@ def train(cfg: TrainConfig, dist: Dist | None = None) -> list[dict]:
     return history
 
 
-def _teacher_outputs(cfg, cache, teacher, encoding, x, v0, v1, batch, device):
+def _teacher_outputs(cfg, reader, teacher, encoding, x, v0, v1, batch, device):
     """Encoded teacher outputs for views [v0, v1): read from the cache, or the online teacher's, encoded alike."""
     if cfg.teacher_source == "cache":
-        want = cache.read_fingerprints(v0, v1)
+        arrays, want, spill = reader.read(v0, v1)
         if not np.array_equal(want, batch["fingerprint"].numpy()):
             bad = v0 + int(np.flatnonzero(want != batch["fingerprint"].numpy())[0])
             raise CacheError(f"replay drift at view {bad}: the augmented pixels differ from those the teacher saw "
                              "(augmentation code, library versions or images changed since the cache was made; "
-                             f"it recorded {cache.manifest['recipe']['library_versions']})")
-        arrays, spill = cache.read_views(v0, v1)
+                             f"it recorded {reader.cache.manifest['recipe']['library_versions']})")
         return to_torch(arrays, device), (None if spill is None else to_torch(spill, device))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         dense, glob = teacher(x)
@@ -245,31 +287,36 @@ def _teacher_outputs(cfg, cache, teacher, encoding, x, v0, v1, batch, device):
     return arrays, spill
 
 
-def _val_loader(cfg: TrainConfig, recipe: Recipe):
+def _val_loader(cfg: TrainConfig, recipe: Recipe, dist: Dist):
+    """This rank's share of the validation set (every world-th image), at the recipe's eval transform."""
     source = open_source(cfg.val_data)
     transform = build_eval_transform(recipe)
+    ids = list(range(dist.rank, len(source), dist.world))
 
     class Val(torch.utils.data.Dataset):
         def __len__(self):
-            return len(source)
+            return len(ids)
 
         def __getitem__(self, i):
-            return transform(source.load(i)), source.labels[i]
+            return transform(source.load(ids[i])), source.labels[ids[i]]
 
     return torch.utils.data.DataLoader(Val(), batch_size=cfg.batch_size, num_workers=cfg.workers)
 
 
 @torch.no_grad()
-def evaluate(model, loader, device) -> dict:
-    """Top-1/top-5 of the CSKD prediction (mean of class head, distillation head and mean dense logits)."""
+def evaluate(model, loader, device, dist: Dist | None = None) -> dict:
+    """Top-1/top-5 of the CSKD prediction (mean of class head, distillation head and mean dense logits),
+    summed over all ranks' shares of the validation set."""
     model.eval()
-    correct1 = correct5 = n = 0
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, images
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model.predict(x).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += (top[:, 0] == y).sum().item()
-        correct5 += (top == y[:, None]).any(dim=1).sum().item()
-        n += len(y)
-    return {"top1": 100.0 * correct1 / max(n, 1), "top5": 100.0 * correct5 / max(n, 1)}
+        counts += torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(dim=1).sum(),
+                               torch.tensor(len(y), device=device)]).double()
+    if dist is not None and dist.world > 1:
+        torch.distributed.all_reduce(counts)
+    c1, c5, n = counts.tolist()
+    return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1)}

@@ -1,10 +1,14 @@
 """`cskd-cache train`: cache and online teachers give the same training, plain DeiT runs, misuse is refused."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from conftest import precompute_args
 from typer.testing import CliRunner
 
@@ -80,3 +84,67 @@ def test_replay_drift_stops_training(tmp_path, image_folder, cache):
         Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(p)
     code, text = run_cli(*train_args(image_folder, tmp_path / "d", "--cache", cache))
     assert code == 2 and "replay drift" in text
+
+
+def test_refuses_what_does_not_fit(tmp_path, image_folder, teacher_checkpoint, cache):
+    code, text = run_cli(*train_args(image_folder, tmp_path / "r", "--cache", cache, "--input-size", "96"))
+    assert code == 2 and "--input-size 96" in text and "64 px" in text
+    # 80 px: the teacher's map is 3x3 but the student's patch grid is 5x5, which cannot be pooled onto it
+    c80 = tmp_path / "c80.zarr"
+    args = precompute_args(image_folder, c80, teacher_checkpoint, "--input-size", "80")
+    assert run_cli(*args)[0] == 0
+    code, text = run_cli(*train_args(image_folder, tmp_path / "g", "--cache", c80))
+    assert code == 2 and "5x5" in text and "3x3" in text
+    # a run is only resumed with the flags it was started with
+    out = tmp_path / "run"
+    assert run_cli(*train_args(image_folder, out, "--cache", cache, "--epochs", "1"))[0] == 0
+    code, text = run_cli(*train_args(image_folder, out, "--cache", cache, "--resume", "--lr", "0.1"))
+    assert code == 2 and "--lr" in text and "--resume" in text
+    # --force uses a cache made from other data (here: one image more), knowingly; never one missing its images
+    Image.open(image_folder / "class_1" / "img_000.png").save(image_folder / "class_1" / "extra.png")
+    assert run_cli(*train_args(image_folder, tmp_path / "f", "--cache", cache))[0] == 2
+    code, text = run_cli(*train_args(image_folder, tmp_path / "f", "--cache", cache, "--force"))
+    assert code == 0, text
+    (image_folder / "class_1" / "img_000.png").rename(image_folder / "class_1" / "renamed.png")
+    code, text = run_cli(*train_args(image_folder, tmp_path / "f2", "--cache", cache, "--force"))
+    assert code == 2 and "lacks 1 of the" in text
+
+
+def test_resume_is_exact(tmp_path, image_folder, cache):
+    """Stopped after epoch 1 and resumed, a run ends bit for bit where an uninterrupted run does (drop path and
+    EMA on, so random streams and every piece of state must come back)."""
+    extra = ("--cache", cache, "--epochs", "3", "--drop-path", "0.1", "--ema-decay", "0.9")
+    assert run_cli(*train_args(image_folder, tmp_path / "whole", *extra))[0] == 0
+    assert run_cli(*train_args(image_folder, tmp_path / "parts", *extra, "--stop-after", "1"))[0] == 0
+    first = [json.loads(line) for line in open(tmp_path / "parts" / "metrics.jsonl")]
+    assert [r["epoch"] for r in first] == [0]
+    code, text = run_cli(*train_args(image_folder, tmp_path / "parts", *extra, "--resume"))
+    assert code == 0, text
+    a = torch.load(tmp_path / "whole" / "checkpoint.pth", weights_only=False)
+    b = torch.load(tmp_path / "parts" / "checkpoint.pth", weights_only=False)
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert [r["train_total"] for r in a["history"]] == [r["train_total"] for r in b["history"]]
+
+
+def test_torchrun_two_processes_train_like_one(tmp_path, image_folder, cache):
+    """DDP under torchrun (2 CPU processes, gloo), 4 views each, equals one process with 8 views per step."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # torchrun's default; float sums depend on the thread count
+    common = ["--cache", cache, "--val-data", image_folder, "--lr", "1e-3", "--epochs", "2"]
+    one = train_args(image_folder, tmp_path / "one", *common)
+    two = train_args(image_folder, tmp_path / "two", *common, "--batch-size", "4")
+    r = subprocess.run([sys.executable, "-m", "cskd_cache", *map(str, one)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29519",
+           "-m", "cskd_cache", *map(str, two)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = torch.load(tmp_path / "one" / "checkpoint.pth", weights_only=False)
+    b = torch.load(tmp_path / "two" / "checkpoint.pth", weights_only=False)
+    for k in a["model"]:  # gradients summed in another order: equal up to float rounding, which Adam's
+        # normalisation lifts to ~2e-5 on near-zero gradients; one wrong view per step moves weights by ~lr (1e-3)
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-4, msg=k)
+    ra, rb = a["history"][-1], b["history"][-1]
+    assert ra["top1"] == rb["top1"] and ra["top5"] == rb["top5"]  # the two ranks' val shares summed
+    assert abs(ra["train_total"] - rb["train_total"]) < 1e-4  # losses over both ranks' views

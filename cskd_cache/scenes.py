@@ -1,0 +1,103 @@
+"""The demo's dataset: real handwritten-digit scans (scikit-learn's bundled copy of the UCI digits) composed into
+2x2 scenes, written as WebDataset shards so that the demo takes the same path as real data.
+
+A scene's class is its majority digit: two cells hold that digit (two different scans), the other two hold two
+other, different digits. A CNN whose global prediction is the mean of its per-position predictions solves this
+by recognising each cell, so the teacher's dense map really carries spatial knowledge (which digit is where),
+which is what CSKD hands to the student's patch tokens. Train and validation scenes use disjoint scans.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from .errors import CacheError
+
+CLASSES = [str(d) for d in range(10)]
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise CacheError("the demo's dataset comes with scikit-learn: pip install 'cskd-cache[demo]'") from None
+    d = load_digits()  # bundled with scikit-learn: 1797 scans, 8x8, values 0..16, no download
+    return d.images.astype(np.float32) / 16.0, d.target.astype(np.int64)
+
+
+def _split(labels: np.ndarray, val_fraction: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint scan indices for train and val scenes (a fixed permutation, so every run gets the same split)."""
+    order = np.random.default_rng(1234).permutation(len(labels))
+    n_val = int(len(order) * val_fraction)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def render_scene(cells: list[np.ndarray], rng: np.random.Generator, size: int) -> Image.Image:
+    """Four 8x8 scans -> one RGB scene: each digit scaled to ~3/4 of its cell, jittered and tinted, on noise."""
+    cell = size // 2
+    digit = max(4, (cell * 3) // 4)
+    canvas = rng.uniform(0.0, 0.25, size=(size, size, 3)).astype(np.float32)
+    for k, scan in enumerate(cells):
+        big = np.asarray(Image.fromarray((scan * 255).astype(np.uint8)).resize((digit, digit), Image.BICUBIC))
+        big = big.astype(np.float32)[..., None] / 255.0
+        tint = rng.uniform(0.5, 1.0, size=3).astype(np.float32)
+        oy, ox = (k // 2) * cell + rng.integers(0, cell - digit + 1), (k % 2) * cell + rng.integers(0, cell - digit + 1)
+        patch = canvas[oy:oy + digit, ox:ox + digit]
+        canvas[oy:oy + digit, ox:ox + digit] = np.maximum(patch, big * tint)
+    return Image.fromarray((np.clip(canvas, 0, 1) * 255).astype(np.uint8))
+
+
+def make_scenes(n: int, split: str, seed: int, size: int = 64):
+    """Yield (PIL image, class) for `n` scenes drawn from the train or val scans."""
+    images, labels = _digits()
+    pool = _split(labels)[0 if split == "train" else 1]
+    by_digit = [pool[labels[pool] == d] for d in range(10)]
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    for _ in range(n):
+        major = int(rng.integers(10))
+        others = rng.choice([d for d in range(10) if d != major], size=2, replace=False)
+        scans = list(rng.choice(by_digit[major], size=2, replace=False)) + [rng.choice(by_digit[d]) for d in others]
+        order = rng.permutation(4)  # which cell gets which scan
+        yield render_scene([images[scans[i]] for i in order], rng, size), major
+
+
+def write_scene_shards(out_dir: str, n_train: int, n_val: int, seed: int = 0, size: int = 64,
+                       per_shard: int = 1000) -> tuple[str, str]:
+    """Write train-*.tar and val-*.tar WebDataset shards (png + cls) and classes.txt; return both brace specs.
+
+    Reuses shards written before with the same settings (a manifest records them), so a rerun of the demo skips
+    this step; shards are written under a temporary name and renamed, so a kill never leaves a short shard.
+    """
+    import webdataset as wds
+
+    settings = {"n_train": n_train, "n_val": n_val, "seed": seed, "size": size, "per_shard": per_shard}
+    specs = {}
+    os.makedirs(out_dir, exist_ok=True)
+    manifest = os.path.join(out_dir, "scenes.json")
+    done = json.load(open(manifest)) if os.path.exists(manifest) else None
+    for split, n in (("train", n_train), ("val", n_val)):
+        shards = max(1, -(-n // per_shard))
+        specs[split] = os.path.join(out_dir, f"{split}-{{000000..{shards - 1:06d}}}.tar" if shards > 1
+                                    else f"{split}-000000.tar")
+        if done == settings:
+            continue
+        scenes = make_scenes(n, split, seed, size)
+        for s in range(shards):
+            path = os.path.join(out_dir, f"{split}-{s:06d}.tar")
+            with wds.TarWriter(path + ".tmp") as sink:
+                for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
+                    img, label = next(scenes)
+                    buf = io.BytesIO()
+                    img.save(buf, format="PNG")
+                    sink.write({"__key__": f"{split}_{i:06d}", "png": buf.getvalue(), "cls": label})
+            os.replace(path + ".tmp", path)
+    with open(os.path.join(out_dir, "classes.txt"), "w") as f:
+        f.write("\n".join(CLASSES) + "\n")
+    with open(manifest, "w") as f:
+        json.dump(settings, f)
+    return specs["train"], specs["val"]
