@@ -98,9 +98,10 @@ def _cache_recipe(cfg: TrainConfig, cache: Cache) -> Recipe:
     return recipe
 
 
-# Flags that may change between a run and its --resume: they do not alter what is computed.
+# Flags that may change between a run and its --resume: they do not alter what is computed (data and cache may
+# move; their identity is checked by fingerprint).
 # --epochs may grow (training extended: the cosine and alpha schedules stretch from the resumed epoch on).
-_RESUME_FREE = {"workers", "device", "resume", "force", "val_data", "epochs", "stop_after"}
+_RESUME_FREE = {"workers", "device", "resume", "force", "data", "cache", "val_data", "epochs", "stop_after"}
 
 
 def _check_resume(cfg: TrainConfig, saved: dict, path: str) -> None:
