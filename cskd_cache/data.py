@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import numpy as np
+import torch
 from braceexpand import braceexpand
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
@@ -297,6 +298,20 @@ class WebDatasetSource(ImageSource):
             self.close()
         except Exception:
             pass
+
+
+class LabeledImages(torch.utils.data.Dataset):
+    """(transform(image), label) over a source, or over the given indices of it (e.g. one rank's share)."""
+
+    def __init__(self, source: ImageSource, transform, ids: list[int] | None = None):
+        self.source, self.transform = source, transform
+        self.ids = list(range(len(source))) if ids is None else ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.source.load(self.ids[i])), self.source.labels[self.ids[i]]
 
 
 def open_source(spec: str | list[str]) -> ImageSource:

@@ -21,7 +21,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
-from .data import open_source
+from .data import LabeledImages, open_source
 from .errors import CacheError
 from .teacher import TEACHER_ALIASES
 
@@ -45,17 +45,6 @@ class FitTeacherConfig:
     workers: int = 4
     device: str | None = None
     seed: int = 0
-
-
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, source, transform):
-        self.source, self.transform = source, transform
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int):
-        return self.transform(self.source.load(i)), self.source.labels[i]
 
 
 def _save_weights(model: torch.nn.Module, path: str) -> None:
@@ -100,12 +89,13 @@ def fit_teacher(cfg: FitTeacherConfig) -> dict:
     train_tf = create_transform(cfg.input_size, is_training=True, scale=cfg.scale, hflip=cfg.hflip,
                                 interpolation="bicubic")
     eval_tf = create_transform(cfg.input_size, is_training=False, crop_pct=1.0, interpolation="bicubic")
-    loader = torch.utils.data.DataLoader(_Images(source, train_tf), batch_size=cfg.batch_size, shuffle=True,
+    loader = torch.utils.data.DataLoader(LabeledImages(source, train_tf), batch_size=cfg.batch_size,
+                                         shuffle=True,
                                          num_workers=cfg.workers, drop_last=len(source) > cfg.batch_size,
                                          generator=torch.Generator().manual_seed(cfg.seed))
     val = None
     if cfg.val_data:
-        val = torch.utils.data.DataLoader(_Images(open_source(cfg.val_data), eval_tf), batch_size=cfg.batch_size,
+        val = torch.utils.data.DataLoader(LabeledImages(open_source(cfg.val_data), eval_tf), batch_size=cfg.batch_size,
                                           num_workers=cfg.workers)
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs, warmup_t=cfg.warmup_epochs, warmup_lr_init=1e-6)

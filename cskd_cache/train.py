@@ -21,7 +21,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from .data import open_source
+from .data import LabeledImages, open_source
 from .distributed import Dist, init_distributed
 from .encodings import make_encoding
 from .errors import CacheError
@@ -293,15 +293,8 @@ def _val_loader(cfg: TrainConfig, recipe: Recipe, dist: Dist):
     source = open_source(cfg.val_data)
     transform = build_eval_transform(recipe)
     ids = list(range(dist.rank, len(source), dist.world))
-
-    class Val(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(ids)
-
-        def __getitem__(self, i):
-            return transform(source.load(ids[i])), source.labels[ids[i]]
-
-    return torch.utils.data.DataLoader(Val(), batch_size=cfg.batch_size, num_workers=cfg.workers)
+    return torch.utils.data.DataLoader(LabeledImages(source, transform, ids), batch_size=cfg.batch_size,
+                                       num_workers=cfg.workers)
 
 
 @torch.no_grad()
