@@ -77,6 +77,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     cache_path = os.path.join(cfg.out, "teacher-cache.zarr")
     pre = PrecomputeConfig(data=train_spec, out=cache_path, teacher=cfg.teacher, teacher_checkpoint=ckpt,
                            epochs=cfg.cache_epochs, recipe=demo_recipe(cfg.size), batch_size=2 * cfg.batch_size,
+                           repeats=1,  # every scene in every cached epoch: a small dataset, a short run
                            workers=cfg.workers, chunk_views=256, shard_views=1024, seed=cfg.seed,
                            overwrite=True, device=cfg.device)
     _timed(times, "precompute", precompute, pre)

@@ -58,11 +58,24 @@ def _sorted_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return idx[..., :k], vals[..., :k]
 
 
-def _scatter_fill(cls: Tensor, val: Tensor, num_classes: int) -> Tensor:
-    """Sparse (class, value) slots -> dense float32 [..., K]; absent classes get the smallest stored value,
-    an upper bound on their true logit (they were not in the top-k)."""
+def _scatter_fill(cls: Tensor, val: Tensor, num_classes: int, lse: Tensor | None = None) -> Tensor:
+    """Sparse (class, value) slots -> dense float32 [..., K] logits.
+
+    With the log-sum-exp of the full logits (`lse`, stored since format 2), the stored classes keep their exact
+    softmax probabilities and the remaining probability mass is spread evenly over the absent classes (as TinyViT
+    does for its top-k logits): absent logit = lse + log((1 - sum of stored p) / (K - k)). Without it (format 1
+    caches), absent classes get the smallest stored value, an upper bound on their true logit. Either way the
+    argmax and the order of the stored classes are the teacher's; soft targets are an approximation."""
     val = val.float()
-    out = val.amin(-1, keepdim=True).expand(*val.shape[:-1], num_classes).clone()
+    k = val.shape[-1]
+    if lse is None or k >= num_classes:
+        fill = val.amin(-1, keepdim=True)
+    else:
+        lse = lse.float().unsqueeze(-1)
+        rest = (1.0 - torch.exp(val - lse).sum(-1, keepdim=True)).clamp(min=1e-30)  # rounding can push it to <= 0
+        # never above the smallest stored logit: absent classes were not in the top-k
+        fill = torch.minimum(lse + torch.log(rest / (num_classes - k)), val.amin(-1, keepdim=True))
+    out = fill.expand(*val.shape[:-1], num_classes).clone()
     return out.scatter_(-1, cls.long(), val)
 
 
@@ -136,16 +149,19 @@ def _check_inputs(enc: "Encoding", dense: Tensor, global_: Tensor) -> tuple[Tens
 class Encoding:
     name: str = ""
     absent_classes: str = ""
-    exact_ckf_targets: bool = True
+    exact_ckf_targets: bool = True  # hard CKF targets equal the full logits' for every alpha
+    exact_global: bool = True  # the global logits themselves (soft distillation) are all kept
+    soft_ckf: str = "exact"  # what a soft CKF loss (KL on the fused logits) gets: exact | approximate | none
     lossy: bool = False
 
-    def __init__(self, num_classes: int, positions: int, **params):
+    def __init__(self, num_classes: int, positions: int, *, lse: bool = True, **params):
         if num_classes < 1 or positions < 1 or any(int(v) < 1 for v in params.values()):
             raise ValueError(f"bad encoding size: num_classes={num_classes} positions={positions} {params}")
         self.num_classes, self.positions = int(num_classes), int(positions)
         # k larger than K is meaningless; clamp so shapes stay [.., min(k, K)] and describe() records what is used
         self.params = {k: min(int(v), self.num_classes) for k, v in params.items()}
         self.cdtype = class_dtype(self.num_classes).name
+        self.lse = bool(lse)  # False only for format-1 caches, which did not store log-sum-exps
 
     def arrays(self) -> dict[str, ArraySpec]:
         raise NotImplementedError
@@ -158,7 +174,14 @@ class Encoding:
         raise NotImplementedError
 
     def decode_global(self, arrays: dict[str, Tensor]) -> Tensor:
-        return _scatter_fill(arrays["global_class"], arrays["global_value"], self.num_classes)
+        """Global logits [B, K] for soft distillation (see _scatter_fill for what absent classes get)."""
+        return _scatter_fill(arrays["global_class"], arrays["global_value"], self.num_classes,
+                             arrays.get("global_lse"))
+
+    def decode_fused(self, arrays: dict[str, Tensor], alpha: float) -> Tensor:
+        """Fused CKF logits [B, P, K] for a soft CKF loss; only encodings that keep dense logits can."""
+        raise ValueError(f"the {self.name} encoding keeps only the classes that can be a hard CKF target, not the "
+                         "dense logits a soft CKF loss needs")
 
     def global_argmax(self, arrays: dict[str, Tensor]) -> Tensor:
         return arrays["global_class"][:, 0].long()  # stable descending order: slot 0 == torch.argmax
@@ -167,17 +190,24 @@ class Encoding:
         return {"name": self.name, "params": dict(self.params), "num_classes": self.num_classes,
                 "positions": self.positions, "values": "logits (not probabilities)",
                 "absent_classes": self.absent_classes, "exact_ckf_targets": self.exact_ckf_targets,
-                "lossy": self.lossy, "class_dtype": self.cdtype,
+                "exact_hard_distillation": True, "exact_soft_distillation": self.exact_global,
+                "soft_ckf": self.soft_ckf, "lossy": self.lossy, "class_dtype": self.cdtype,
                 # no fill here: NaN is not strict JSON, and fills are the store's business
                 "arrays": {k: {"shape": list(v.shape), "dtype": v.dtype} for k, v in self.arrays().items()}}
 
     def _global_topk(self, g32: Tensor) -> dict[str, Tensor]:
         cls, val = _sorted_topk(g32, self.params["global_topk"])
-        return {"global_class": cls.to(_torch_dtype(self.cdtype)), "global_value": val}
+        out = {"global_class": cls.to(_torch_dtype(self.cdtype)), "global_value": val}
+        if self.lse:  # 4 bytes a view: stored top-k probabilities become exact (see _scatter_fill)
+            out["global_lse"] = torch.logsumexp(g32, -1)
+        return out
 
     def _global_specs(self) -> dict[str, ArraySpec]:
         k = self.params["global_topk"]
-        return {"global_class": ArraySpec((k,), self.cdtype, -1), "global_value": ArraySpec((k,), "float32", math.nan)}
+        out = {"global_class": ArraySpec((k,), self.cdtype, -1), "global_value": ArraySpec((k,), "float32", math.nan)}
+        if self.lse:
+            out["global_lse"] = ArraySpec((), "float32", math.nan)
+        return out
 
 
 class FullEncoding(Encoding):
@@ -198,19 +228,28 @@ class FullEncoding(Encoding):
     def decode_global(self, arrays):
         return arrays["global"].float()
 
+    def decode_fused(self, arrays, alpha):
+        return fuse(arrays["dense"], arrays["global"][:, None, :], _check_alpha(alpha))
+
     def global_argmax(self, arrays):
         return arrays["global"].float().argmax(-1)
+
+
+_GLOBAL_ABSENT = ("global: top-k logits plus the log-sum-exp of all of them, so the stored classes keep their "
+                  "exact probabilities and the rest of the mass is spread evenly over the absent classes")
 
 
 class CKFEncoding(Encoding):
     name = "ckf"
     absent_classes = ("dense: only the classes that can be the CKF target for some alpha in [0, 1] are stored "
-                      "(exact targets, dense logits not recoverable); global: top-k, absent classes take the "
-                      "smallest stored global value of the view (an upper bound on their true logit)")
-    lossy = True  # the targets are exact, the logits themselves are not all kept
+                      "(exact hard targets, dense logits not recoverable); " + _GLOBAL_ABSENT)
+    exact_global = False
+    soft_ckf = "none"
+    lossy = True  # hard CKF targets and hard distillation are exact; soft distillation is approximate
 
-    def __init__(self, num_classes: int, positions: int, ckf_width: int = 8, global_topk: int = 10):
-        super().__init__(num_classes, positions, ckf_width=ckf_width, global_topk=global_topk)
+    def __init__(self, num_classes: int, positions: int, ckf_width: int = 8, global_topk: int = 10, lse=True):
+        super().__init__(num_classes, positions, ckf_width=ckf_width, global_topk=global_topk, lse=lse)
+        self.exact_global = self.params["global_topk"] == self.num_classes
 
     def arrays(self) -> dict[str, ArraySpec]:
         P, W, c = self.positions, self.params["ckf_width"], self.cdtype
@@ -264,28 +303,39 @@ class CKFEncoding(Encoding):
 
 class TopKEncoding(Encoding):
     name = "topk"
-    absent_classes = ("absent classes take the smallest stored value at that position (dense) or of that view "
-                      "(global): an upper bound on their true logit")
+    absent_classes = ("dense: top-k logits per position plus their log-sum-exp; " + _GLOBAL_ABSENT +
+                      " (the same rule per position)")
 
-    def __init__(self, num_classes: int, positions: int, topk: int = 10, global_topk: int = 10):
-        super().__init__(num_classes, positions, topk=topk, global_topk=global_topk)
+    def __init__(self, num_classes: int, positions: int, topk: int = 10, global_topk: int = 10, lse=True):
+        super().__init__(num_classes, positions, topk=topk, global_topk=global_topk, lse=lse)
         self.exact_ckf_targets = min(self.params.values()) == self.num_classes  # exact only when nothing is cut
+        self.exact_global = self.params["global_topk"] == self.num_classes
+        self.soft_ckf = "exact" if self.exact_ckf_targets else "approximate"
         self.lossy = not self.exact_ckf_targets
 
     def arrays(self) -> dict[str, ArraySpec]:
         P, k = self.positions, self.params["topk"]
-        return {"dense_class": ArraySpec((P, k), self.cdtype, -1),
-                "dense_value": ArraySpec((P, k), "float16", math.nan), **self._global_specs()}
+        out = {"dense_class": ArraySpec((P, k), self.cdtype, -1), "dense_value": ArraySpec((P, k), "float16", math.nan)}
+        if self.lse:
+            out["dense_lse"] = ArraySpec((P,), "float32", math.nan)
+        return {**out, **self._global_specs()}
 
     def encode(self, dense, global_):
         d16, g32 = _check_inputs(self, dense, global_)
         cls, val = _sorted_topk(d16, self.params["topk"])
-        return {"dense_class": cls.to(_torch_dtype(self.cdtype)), "dense_value": val.half(),
-                **self._global_topk(g32)}, None
+        out = {"dense_class": cls.to(_torch_dtype(self.cdtype)), "dense_value": val.half()}
+        if self.lse:
+            out["dense_lse"] = torch.logsumexp(d16.float(), -1)
+        return {**out, **self._global_topk(g32)}, None
+
+    def _dense(self, arrays) -> Tensor:
+        return _scatter_fill(arrays["dense_class"], arrays["dense_value"], self.num_classes, arrays.get("dense_lse"))
 
     def decode_targets(self, arrays, alpha, spill=None):
-        dense = _scatter_fill(arrays["dense_class"], arrays["dense_value"], self.num_classes)
-        return fuse(dense, self.decode_global(arrays)[:, None, :], _check_alpha(alpha)).argmax(-1)
+        return self.decode_fused(arrays, alpha).argmax(-1)
+
+    def decode_fused(self, arrays, alpha):
+        return fuse(self._dense(arrays), self.decode_global(arrays)[:, None, :], _check_alpha(alpha))
 
 
 def make_encoding(name: str, num_classes: int, positions: int, *, ckf_width: int = 8, topk: int = 10,
@@ -304,4 +354,8 @@ def encoding_from_description(desc: dict, num_classes: int, positions: int) -> E
     for key, want in (("num_classes", num_classes), ("positions", positions)):
         if key in desc and int(desc[key]) != want:
             raise ValueError(f"cache encoding was built for {key}={desc[key]}, not {want}")
-    return make_encoding(desc["name"], num_classes, positions, **desc.get("params", {}))
+    enc = make_encoding(desc["name"], num_classes, positions, **desc.get("params", {}))
+    if desc["name"] != "full" and "global_lse" not in desc.get("arrays", {"global_lse": 0}):
+        # a format-1 cache: no log-sum-exps were stored; absent classes decode the old way
+        enc = type(enc)(num_classes, positions, **enc.params, lse=False)
+    return enc

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .data import LabeledImages, open_source
 from .errors import CacheError
 from .teacher import TEACHER_ALIASES
+from .views import model_normalization
 
 
 @dataclass
@@ -86,9 +87,12 @@ def fit_teacher(cfg: FitTeacherConfig) -> dict:
     except (OSError, RuntimeError, ValueError) as e:
         raise CacheError(f"--teacher {name}: cannot get pretrained weights ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200]}); pass --no-pretrained to train from scratch") from None
+    # the model's own normalisation, which is what precompute feeds it (views are renormalised to it)
+    mean, std = model_normalization(model)
     train_tf = create_transform(cfg.input_size, is_training=True, scale=cfg.scale, hflip=cfg.hflip,
-                                interpolation="bicubic")
-    eval_tf = create_transform(cfg.input_size, is_training=False, crop_pct=1.0, interpolation="bicubic")
+                                interpolation="bicubic", mean=mean, std=std)
+    eval_tf = create_transform(cfg.input_size, is_training=False, crop_pct=1.0, interpolation="bicubic",
+                               mean=mean, std=std)
     loader = torch.utils.data.DataLoader(LabeledImages(source, train_tf), batch_size=cfg.batch_size,
                                          shuffle=True,
                                          num_workers=cfg.workers, drop_last=len(source) > cfg.batch_size,

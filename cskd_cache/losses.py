@@ -19,6 +19,7 @@ from .errors import CacheError
 
 ALPHA_SCHEDULES = ("linear", "x2", "cos")
 DISTILL_TYPES = ("hard", "soft")
+CSKD_TYPES = ("hard", "soft")
 LOSS_MODES = ("cskd", "deit", "none")
 
 
@@ -70,26 +71,42 @@ class CSKDLoss(nn.Module):
     distill_type 'hard': CE(dist, argmax teacher global). 'soft': DeiT's KL(log_softmax(dist/T), log_softmax(teacher/T),
     reduction='sum', log_target=True) * T*T / dist.numel(). Note: that is timm TokenDistillationTask's soft loss
     (reduction='batchmean') divided by K. A term whose teacher tensor is None, or whose weight is 0, is skipped.
+    cskd_type 'hard' (default): CE against the CKF targets Y. 'soft' (the official code's other option): KL between
+    the pooled dense logits and the fused CKF logits at temperature T, summed over classes and positions, times
+    T*T, divided by the batch size.
     """
 
     def __init__(self, distill_type: str = "hard", temperature: float = 1.0, base_weight: float = 0.5,
-                 distill_weight: float = 0.5, cskd_weight: float = 1.0) -> None:
+                 distill_weight: float = 0.5, cskd_weight: float = 1.0, cskd_type: str = "hard") -> None:
         super().__init__()
         if distill_type not in DISTILL_TYPES:
             raise CacheError(f"unknown distill_type {distill_type!r}; use one of {', '.join(DISTILL_TYPES)}")
+        if cskd_type not in CSKD_TYPES:
+            raise CacheError(f"unknown cskd_type {cskd_type!r}; use one of {', '.join(CSKD_TYPES)}")
         if temperature <= 0:
             raise CacheError(f"temperature must be > 0, got {temperature}")
-        self.distill_type, self.temperature = distill_type, float(temperature)
+        self.distill_type, self.cskd_type, self.temperature = distill_type, cskd_type, float(temperature)
         self.base_weight, self.distill_weight = float(base_weight), float(distill_weight)
         self.cskd_weight = float(cskd_weight)
 
     @classmethod
-    def for_mode(cls, mode: str, distill_type: str = "hard", temperature: float = 1.0) -> "CSKDLoss":
+    def for_mode(cls, mode: str, distill_type: str = "hard", temperature: float = 1.0,
+                 cskd_type: str = "hard") -> "CSKDLoss":
         """cskd: 0.5/0.5/1.0 (official configs); deit: 0.5/0.5/0 (DeiT distilled); none: 1/0/0 (plain DeiT)."""
         weights = {"cskd": (0.5, 0.5, 1.0), "deit": (0.5, 0.5, 0.0), "none": (1.0, 0.0, 0.0)}
         if mode not in weights:
             raise CacheError(f"unknown loss mode {mode!r}; use one of {', '.join(LOSS_MODES)}")
-        return cls(distill_type, temperature, *weights[mode])
+        return cls(distill_type, temperature, *weights[mode], cskd_type=cskd_type)
+
+    @property
+    def needs(self) -> set[str]:
+        """Which teacher tensors forward() will use: what a caller has to decode, and nothing more."""
+        out = set()
+        if self.distill_weight:
+            out.add("teacher_global" if self.distill_type == "soft" else "teacher_global_argmax")
+        if self.cskd_weight:
+            out.add("ckf_logits" if self.cskd_type == "soft" else "ckf_targets")
+        return out
 
     def distill(self, dist: Tensor, teacher_global: Tensor | None, teacher_global_argmax: Tensor | None) -> Tensor:
         if self.distill_type == "hard":
@@ -110,20 +127,33 @@ class CSKDLoss(nn.Module):
             raise ValueError(f"ckf_targets {tuple(ckf_targets.shape)} do not match dense logits {tuple(dense.shape)}")
         return F.cross_entropy(dense, ckf_targets.reshape(B, h, w).long())
 
+    def spatial_soft(self, dense: Tensor, ckf_logits: Tensor) -> Tensor:
+        """The official soft CKF loss; ckf_logits [B, h*w, K] (positions row-major) or [B, K, h, w]."""
+        B, K, h, w = dense.shape
+        if ckf_logits.dim() == 3:
+            ckf_logits = ckf_logits.transpose(1, 2).reshape(B, K, h, w)
+        if tuple(ckf_logits.shape) != (B, K, h, w):
+            raise ValueError(f"ckf_logits {tuple(ckf_logits.shape)} do not match dense logits {tuple(dense.shape)}")
+        T = self.temperature
+        return F.kl_div(F.log_softmax(dense / T, dim=1), F.log_softmax(ckf_logits.float() / T, dim=1),
+                        reduction="sum", log_target=True) * (T * T) / B
+
     def forward(self, out: dict[str, Tensor], mixed_target: Tensor, teacher_global: Tensor | None = None,
-                teacher_global_argmax: Tensor | None = None,
-                ckf_targets: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
-        """out: CSKDStudent's training dict. Returns the weighted total and its unweighted parts (+ 'total')."""
+                teacher_global_argmax: Tensor | None = None, ckf_targets: Tensor | None = None,
+                ckf_logits: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """out: CSKDStudent's training dict. Returns the weighted total and its unweighted parts (+ 'total'),
+        detached and still on the device: reading them (.item(), .tolist()) is the caller's choice of sync."""
         # F.cross_entropy with probability targets is timm's SoftTargetCrossEntropy: mean of -sum(t * log_softmax).
         parts = {"base": F.cross_entropy(out["cls"], mixed_target)}
         total = self.base_weight * parts["base"]
         if self.distill_weight and (teacher_global is not None or teacher_global_argmax is not None):
             parts["distill"] = self.distill(out["dist"], teacher_global, teacher_global_argmax)
             total = total + self.distill_weight * parts["distill"]
-        if self.cskd_weight and ckf_targets is not None:
+        if self.cskd_weight and self.cskd_type == "hard" and ckf_targets is not None:
             parts["cskd"] = self.spatial(out["dense"], ckf_targets)
             total = total + self.cskd_weight * parts["cskd"]
+        elif self.cskd_weight and self.cskd_type == "soft" and ckf_logits is not None:
+            parts["cskd"] = self.spatial_soft(out["dense"], ckf_logits)
+            total = total + self.cskd_weight * parts["cskd"]
         parts["total"] = total
-        # One device sync for all the logged numbers, not one per part.
-        values = torch.stack([p.detach().float() for p in parts.values()]).tolist()
-        return total, dict(zip(parts, values))
+        return total, {k: v.detach().float() for k, v in parts.items()}

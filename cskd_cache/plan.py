@@ -73,6 +73,21 @@ def _cutmix_box(lam: np.ndarray, size: int, rng: np.random.Generator) -> tuple[n
     return np.stack([y0, y1, x0, x1], axis=-1), corrected
 
 
+def _partner_order(half: int, r: int) -> np.ndarray:
+    """Which second-half entry partners first-half entry k. Pairing k with k (as for r = 1) would give the r
+    repeats of a sample the r repeats of one other sample as partners. Instead, repeat j of group i (k = r*i + j)
+    takes the second half's repeat j of group i + j: the partners of one sample's repeats are r entries more
+    than r apart, hence r different samples, and both sides' repeats stay within a few pairs of each other (same
+    batch). A bijection on the first r * (half // r) entries; the few left over keep k. The identity for r = 1,
+    so plans without repeats are unchanged. A pure function of its arguments: it draws nothing."""
+    k = np.arange(half, dtype=np.int64)
+    groups = half // r
+    if r > 1 and groups:
+        i, j = np.divmod(k[: groups * r], r)
+        k[: groups * r] = r * ((i + j) % groups) + j
+    return k
+
+
 def make_epoch_plan(params: PlanParams, epoch: int) -> EpochPlan:
     """Deterministic in (params, epoch) alone: numpy's PCG64 seeded by SeedSequence([seed, epoch])."""
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([params.seed, epoch])))
@@ -81,10 +96,10 @@ def make_epoch_plan(params: PlanParams, epoch: int) -> EpochPlan:
     # DeiT's repeated augmentation: the first ceil(n / r) samples, each r times, epoch length unchanged.
     seq = np.repeat(perm[: math.ceil(n / r)], r)[:v]
     half = v // 2
-    # Pair the first half with the second: partners are distinct samples, and a sample's repeats land in
-    # neighbouring pairs, i.e. in the same batch, which is what repeated augmentation is for.
+    # Pair the first half with the second: a sample's repeats land in neighbouring pairs, i.e. in the same
+    # batch, which is what repeated augmentation is for, and every repeat gets its own partner.
     sample = np.empty(v, dtype=np.int64)
-    sample[0::2], sample[1::2] = seq[:half], seq[half:]
+    sample[0::2], sample[1::2] = seq[:half], seq[half:][_partner_order(half, r)]
     seed = rng.integers(0, 2**63 - 1, size=v, dtype=np.int64)
     positions = np.arange(v, dtype=np.int64)
 

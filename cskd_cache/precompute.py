@@ -22,8 +22,7 @@ from .data import find_bad_images, open_source
 from .distributed import Dist, init_distributed
 from .encodings import make_encoding
 from .errors import CacheError
-from .plan import make_epoch_plan
-from .teacher import create_teacher
+from .teacher import create_teacher, resolve_precision
 from .views import PairDataset, Recipe, collate_pairs, pair_items
 
 
@@ -39,7 +38,7 @@ class PrecomputeConfig:
     ckf_width: int = 8
     topk: int = 10
     global_topk: int = 10
-    repeats: int = 1
+    repeats: int = 3  # DeiT's and CSKD's repeated augmentation
     seed: int = 0
     recipe: Recipe = field(default_factory=Recipe)
     batch_size: int = 64  # views per teacher batch (even: views come in mixing pairs)
@@ -49,6 +48,7 @@ class PrecomputeConfig:
     skip_bad: bool = False
     overwrite: bool = False
     device: str | None = None
+    teacher_precision: str = "auto"  # fp16 autocast on a GPU (official), fp32 on a CPU
     max_shards: int | None = None  # stop after this many shards (for tests of interruption and for budgets)
 
 
@@ -62,12 +62,12 @@ def _check(cfg: PrecomputeConfig) -> None:
 
 
 def _existing_manifest(out: str) -> dict | None:
-    try:
-        return store.Cache.open(out, mode="r").manifest
-    except CacheError:
-        if os.path.isdir(out) and os.listdir(out):
-            raise CacheError(f"--out {out} exists and is not a cskd-cache; choose another path") from None
-        return None
+    """The manifest at --out, whatever its status; None where there is nothing. Refuses a folder that is not ours
+    (even with --overwrite, which would delete it)."""
+    manifest = store.read_manifest(out)
+    if manifest is None and os.path.isdir(out) and os.listdir(out):
+        raise CacheError(f"--out {out} exists and is not a cskd-cache; choose another path")
+    return manifest
 
 
 def build_manifest(cfg: PrecomputeConfig, source, teacher_info: dict, grid, num_classes: int,
@@ -128,7 +128,9 @@ def precompute(cfg: PrecomputeConfig, dist: Dist | None = None) -> store.Cache:
     device = dist.device(cfg.device)
     source = open_source(cfg.data)
     teacher, teacher_info = create_teacher(cfg.teacher, pretrained=cfg.pretrained,
-                                           checkpoint=cfg.teacher_checkpoint)
+                                           checkpoint=cfg.teacher_checkpoint, view_mean=cfg.recipe.mean,
+                                           view_std=cfg.recipe.std,
+                                           precision=resolve_precision(cfg.teacher_precision, device))
     teacher = teacher.to(device)
     grid = teacher.grid(cfg.recipe.input_size)
     num_classes = teacher_info["num_classes"]
@@ -140,27 +142,7 @@ def precompute(cfg: PrecomputeConfig, dist: Dist | None = None) -> store.Cache:
                          "classes; fine-tune the teacher on this dataset first (cskd-cache fit-teacher)")
 
     if dist.main:
-        old = _existing_manifest(cfg.out)
-        bad_ids = []
-        if old is not None and not cfg.overwrite:
-            bad_ids = [i for i, k in enumerate(source.keys) if k in set(old.get("bad_samples", []))]
-        elif cfg.skip_bad:
-            bad_ids = find_bad_images(source, workers=cfg.workers)
-        used = source.subset([i for i in range(len(source)) if i not in set(bad_ids)]) if bad_ids else source
-        manifest = build_manifest(cfg, used, teacher_info, grid, num_classes,
-                                  [source.keys[i] for i in bad_ids], encoding)
-        manifest["dataset"] = dict(source.describe(), used_samples=len(used))
-        if old is not None and not cfg.overwrite:
-            why = store.manifest_mismatch(old, manifest)
-            if why:
-                raise CacheError(f"--out {cfg.out} holds a cache made with {why}; pass --overwrite to replace it "
-                                 "or choose another --out")
-        else:
-            cache = store.create_cache(cfg.out, manifest, used.keys, used.labels, encoding, cfg.chunk_views,
-                                       overwrite=cfg.overwrite)
-            params = cfg.recipe.plan_params(len(used), cfg.epochs, cfg.seed, cfg.repeats)
-            for e in range(cfg.epochs):
-                store.write_epoch_plan(cache, e, make_epoch_plan(params, e))
+        _prepare(cfg, source, teacher_info, grid, num_classes, encoding)
     dist.barrier()
     cache = store.Cache.open(cfg.out, mode="r+")
     bad = set(cache.manifest["bad_samples"])
@@ -170,6 +152,42 @@ def precompute(cfg: PrecomputeConfig, dist: Dist | None = None) -> store.Cache:
     if dist.main and cache.done_shards().all():
         store.finalize(cache)
     return cache
+
+
+def _prepare(cfg: PrecomputeConfig, source, teacher_info: dict, grid, num_classes: int, encoding) -> None:
+    """Rank 0: create the cache, or check that the one at --out is this run's and repair its plan."""
+    old = _existing_manifest(cfg.out)
+    if old is not None and old.get("status") == "creating":
+        old = None  # ours, but never finished being created: nothing in it is worth keeping
+        overwrite = True
+    else:
+        overwrite = cfg.overwrite
+    old_bad = set((old or {}).get("bad_samples", []))
+    bad_ids = [i for i, k in enumerate(source.keys) if k in old_bad]
+    if cfg.skip_bad and (old is None or cfg.overwrite or not old_bad):
+        bad_ids = find_bad_images(source, workers=cfg.workers)
+    used = source.subset([i for i in range(len(source)) if i not in set(bad_ids)]) if bad_ids else source
+    manifest = build_manifest(cfg, used, teacher_info, grid, num_classes, [source.keys[i] for i in bad_ids],
+                              encoding)
+    manifest["dataset"] = dict(source.describe(), used_samples=len(used))
+    if old is not None and not cfg.overwrite:
+        why = store.manifest_mismatch(old, manifest)
+        if why and cfg.skip_bad and not old_bad and manifest["bad_samples"] and old.get("status") != "complete":
+            # the run that stopped at a bad image, now given --skip-bad: skipping changes the plan, start over
+            print(f"note: skipping {len(manifest['bad_samples'])} undecodable images changes the plan; "
+                  f"{cfg.out} is started again")
+            overwrite = True
+        elif why:
+            raise CacheError(f"--out {cfg.out} holds a cache made with {why}; pass --overwrite to replace it "
+                             "or choose another --out")
+        else:
+            cache = store.Cache.open(cfg.out, mode="r+")
+            repaired = store.repair_plan(cache)
+            if repaired:
+                print(f"note: the stored plan of epochs {repaired} did not match its parameters; rewritten, and "
+                      "their shards will be computed again")
+            return
+    store.create_cache(cfg.out, manifest, used.keys, used.labels, encoding, cfg.chunk_views, overwrite=overwrite)
 
 
 def _run_shards(cfg, cache: store.Cache, source, teacher, encoding, dist: Dist, device) -> None:
@@ -184,12 +202,12 @@ def _run_shards(cfg, cache: store.Cache, source, teacher, encoding, dist: Dist, 
         start, stop = cache.shard_range(s)
         for a in range(start, stop, cfg.batch_size):
             b = min(a + cfg.batch_size, stop)
-            cut = (a // vpe + 1) * vpe  # an epoch boundary inside the batch splits it
-            for lo, hi in ((a, min(b, cut)), (cut, b)) if cut < b else ((a, b),):
-                batches.append(pair_items(plan, lo, hi, vpe))
+            cuts = [a, *range((a // vpe + 1) * vpe, b, vpe), b]  # a batch never spans epochs: split at each
+            for lo, hi in zip(cuts, cuts[1:]):
+                batches.append(pair_items(plan, np.arange(lo, hi), vpe))
                 owner.append(s)
     loader = torch.utils.data.DataLoader(
-        PairDataset(source, cache_recipe(cache)), batch_sampler=batches, num_workers=cfg.workers,
+        PairDataset(source, cache.recipe), batch_sampler=batches, num_workers=cfg.workers,
         collate_fn=collate_pairs, pin_memory=device.type == "cuda", persistent_workers=False,
         prefetch_factor=4 if cfg.workers else None)
     use_amp = device.type == "cuda"
@@ -207,9 +225,8 @@ def _run_shards(cfg, cache: store.Cache, source, teacher, encoding, dist: Dist, 
             x = batch["image"].to(device, non_blocking=True)
             if use_amp:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                dense, glob = teacher(x)
-            enc, spill = encoding.encode(dense.float(), glob.float())
+            dense, glob = teacher(x)  # under the teacher's own precision (autocast inside)
+            enc, spill = encoding.encode(dense, glob)
             parts.append(({k: v.cpu().numpy() for k, v in enc.items()}, batch["fingerprint"].numpy(),
                           None if spill is None else {k: v.cpu().numpy() for k, v in spill.items()},
                           int(batch["view"][0])))
@@ -220,10 +237,6 @@ def _run_shards(cfg, cache: store.Cache, source, teacher, encoding, dist: Dist, 
     finally:
         bar.close()
     writer.close()
-
-
-def cache_recipe(cache: store.Cache) -> Recipe:
-    return Recipe.from_dict({k: v for k, v in cache.manifest["recipe"].items() if k != "library_versions"})
 
 
 def _assemble(cache: store.Cache, shard: int, parts: list) -> tuple:

@@ -29,13 +29,30 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from . import __version__
 from .encodings import Encoding, encoding_from_description
 from .errors import CacheError
-from .plan import EpochPlan
+from .plan import EpochPlan, PlanParams, make_epoch_plan
+from .views import Recipe
 
 FORMAT = "cskd-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ATTR = "cskd_cache"
 # Manifest sections that must match for a resumed run to write into an existing cache.
 IDENTITY = ("teacher", "dataset", "recipe", "plan", "encoding", "layout", "grid", "num_classes", "bad_samples")
+# Within them, what does not change a single stored number: where the data lives and which library versions ran
+# (a replay on other versions is checked by its pixel fingerprints, not by version strings).
+_NOT_IDENTITY = {"dataset": ("kind", "location"), "recipe": ("library_versions",),
+                 "teacher": ("checkpoint", "pretrained_tag")}
+
+
+def identity(manifest: dict) -> dict:
+    """What a cache's numbers depend on: teacher weights and precision, dataset fingerprint, recipe values, plan,
+    encoding, layout, grid, classes and skipped samples. Checkpoints record it; resumes compare it."""
+    out = {}
+    for key in IDENTITY:
+        v = manifest.get(key)
+        if isinstance(v, dict):
+            v = {k: x for k, x in v.items() if k not in _NOT_IDENTITY.get(key, ())}
+        out[key] = json.loads(json.dumps(v, default=str))  # tuples -> lists: compare values, not containers
+    return out
 
 _PLAN_FIELDS = {"sample": "int64", "seed": "int64", "partner": "int64", "lam": "float32", "mode": "int8",
                 "box": "int16"}
@@ -53,6 +70,16 @@ def open_group(url: str, mode: str = "r", storage_options: dict | None = None):
         raise CacheError(f"no cskd-cache at {url} ({type(e).__name__}); check --cache / the path") from None
 
 
+def read_manifest(url: str, storage_options: dict | None = None) -> dict | None:
+    """The manifest of the cskd-cache at `url` whatever its status, or None if there is no cskd-cache there."""
+    try:
+        group = zarr.open_group(url, mode="r", storage_options=storage_options if "://" in url else None)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError):
+        return None
+    manifest = group.attrs.get(ATTR)
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+
+
 class Cache:
     """A cache opened for reading (and, during precompute, for writing its own shards)."""
 
@@ -64,6 +91,9 @@ class Cache:
         if manifest.get("format_version", 0) > FORMAT_VERSION:
             raise CacheError(f"{url}: cache format {manifest['format_version']} is newer than this cskd-cache "
                              f"({FORMAT_VERSION}); upgrade cskd-cache")
+        if manifest.get("status") == "creating":
+            raise CacheError(f"{url}: this cache was never fully created (interrupted while writing its plan); "
+                             "run the precompute command again")
         self.manifest = manifest
         layout = manifest["layout"]
         self.total_views = layout["total_views"]
@@ -99,13 +129,63 @@ class Cache:
     def sample_labels(self) -> np.ndarray:
         return np.asarray(self.group["samples/label"][:]).astype(np.int64)
 
-    def epoch_plan(self, epoch: int) -> EpochPlan:
+    @property
+    def recipe(self) -> Recipe:
+        """The augmentation recipe the views were made with (refuses fields this version cannot replay)."""
+        return Recipe.from_dict(self.manifest["recipe"], where=f"cache {self.url}")
+
+    @property
+    def plan_params(self) -> PlanParams:
+        return PlanParams(**self.manifest["plan"])
+
+    def stored_plan(self, epoch: int) -> EpochPlan:
         return EpochPlan(**{f: np.asarray(self.group[f"plan/{f}"][epoch]) for f in _PLAN_FIELDS})
+
+    def plan_ok(self, epoch: int) -> bool:
+        """The stored plan of an epoch equals the one its parameters define (a plan is a pure function of them)."""
+        stored, want = self.stored_plan(epoch), make_epoch_plan(self.plan_params, epoch)
+        return all(np.array_equal(getattr(stored, f), getattr(want, f)) for f in _PLAN_FIELDS)
+
+    def epoch_plan(self, epoch: int) -> EpochPlan:
+        """The plan of one epoch, checked against its parameters: a damaged plan would silently pair every
+        cached output with the wrong image."""
+        if not self.plan_ok(epoch):
+            raise CacheError(f"{self.url}: the stored plan of epoch {epoch} does not match the plan parameters "
+                             "(damaged, or written by an incompatible cskd-cache); run `cskd-cache verify`, and "
+                             "the precompute command again to repair it")
+        return self.stored_plan(epoch)
 
     def read_views(self, start: int, stop: int) -> tuple[dict[str, np.ndarray], dict | None]:
         """Encoded teacher outputs of views [start, stop) (contiguous reads: fast on sharded arrays)."""
         arrays = {name: np.asarray(arr[start:stop]) for name, arr in self._arrays.items()}
         return arrays, self._read_spill(start, stop)
+
+    def gather(self, views: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, dict | None]:
+        """Encoded outputs, fingerprints and spill rows (views counted in the given order) of any views.
+        Reads each contiguous run once (a training batch is a few runs of whole chunks)."""
+        views = np.asarray(views, dtype=np.int64)
+        order = np.argsort(views, kind="stable")
+        sv = views[order]
+        cuts = np.flatnonzero(np.diff(sv) != 1) + 1
+        parts, fps, spills = [], [], []
+        for run in np.split(np.arange(len(sv)), cuts):
+            a, b = int(sv[run[0]]), int(sv[run[-1]]) + 1
+            arrays, spill = self.read_views(a, b)
+            parts.append(arrays)
+            fps.append(self.read_fingerprints(a, b))
+            if spill is not None:
+                spills.append(dict(spill, view=spill["view"] + (a - int(sv[0]))))
+        inv = np.empty_like(order)
+        inv[order] = np.arange(len(order))  # position in the request of each sorted view
+        arrays = {k: np.concatenate([p[k] for p in parts])[inv] for k in parts[0]}
+        fingerprints = np.concatenate(fps)[inv]
+        spill = None
+        if spills:
+            spill = {k: np.concatenate([s[k] for s in spills]) for k in spills[0]}
+            # spill views are offsets from sv[0] in sorted order; map them to request positions
+            rank = np.searchsorted(sv, spill["view"] + int(sv[0]))
+            spill["view"] = order[rank]
+        return arrays, fingerprints, spill
 
     def read_fingerprints(self, start: int, stop: int) -> np.ndarray:
         return np.asarray(self.group["views/fingerprint"][start:stop])
@@ -135,47 +215,23 @@ class Cache:
         return out
 
 
-class BlockReader:
-    """Serves views [start, stop) out of whole, chunk-aligned blocks read once. A training step's batch is often
-    smaller than a chunk, and reading per step would decompress the same chunk chunk/batch times over."""
-
-    def __init__(self, cache: Cache):
-        self.cache = cache
-        self.block = int(cache.group["views/fingerprint"].chunks[0])
-        self.start = self.stop = -1
-
-    def _load(self, start: int, stop: int) -> None:
-        if self.start <= start and stop <= self.stop:
-            return
-        a = start - start % self.block
-        b = max(min(a + self.block, self.cache.total_views), stop)
-        self.arrays, self.spill = self.cache.read_views(a, b)
-        self.fingerprints = self.cache.read_fingerprints(a, b)
-        self.start, self.stop = a, b
-
-    def read(self, start: int, stop: int) -> tuple[dict[str, np.ndarray], np.ndarray, dict | None]:
-        """(encoded arrays, fingerprints, spill rows with views counted from `start`) of views [start, stop)."""
-        self._load(start, stop)
-        i, j = start - self.start, stop - self.start
-        spill = None
-        if self.spill is not None:
-            keep = (self.spill["view"] >= i) & (self.spill["view"] < j)
-            if keep.any():
-                spill = {k: v[keep] for k, v in self.spill.items()}
-                spill["view"] = spill["view"] - i
-        return {k: v[i:j] for k, v in self.arrays.items()}, self.fingerprints[i:j], spill
-
-
 # -- creating and writing -------------------------------------------------------------------------
 def manifest_mismatch(old: dict, new: dict) -> str | None:
     """The first identity section that differs, described for a one-line error, or None."""
+    ia, ib = identity(old), identity(new)
     for key in IDENTITY:
-        a, b = old.get(key), new.get(key)
-        if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+        a, b = ia[key], ib[key]
+        if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
             if key == "teacher":
+                if a.get("weights_sha256") == b.get("weights_sha256"):
+                    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                    return f"another teacher setting ({', '.join(f'{k} {a.get(k)} vs {b.get(k)}' for k in diff)})"
                 return f"another teacher ({a.get('name')} {str(a.get('weights_sha256'))[:12]} vs " \
                        f"{b.get('name')} {str(b.get('weights_sha256'))[:12]})"
             if key == "dataset":
+                if a.get("fingerprint") == b.get("fingerprint"):
+                    return f"another selection of the dataset ({a.get('used_samples')} vs {b.get('used_samples')} " \
+                           "samples used)"
                 return f"another dataset (fingerprint {str(a.get('fingerprint'))[:12]} vs " \
                        f"{str(b.get('fingerprint'))[:12]})"
             if key == "recipe":
@@ -189,8 +245,13 @@ def manifest_mismatch(old: dict, new: dict) -> str | None:
 
 def create_cache(url: str, manifest: dict, keys: list[str], labels: list[int], encoding: Encoding,
                  chunk_views: int, overwrite: bool) -> Cache:
-    """Create the group, all arrays (empty) and the manifest with status 'incomplete'."""
-    group = zarr.open_group(url, mode="w" if overwrite else "w-")
+    """Create the group, all arrays, the samples and the whole plan; only then mark it 'incomplete' (ready for
+    shards). Until that last write the manifest says 'creating': recognisably ours, never usable, and redone
+    from scratch by the next run. Nothing that marks a cache usable is written before the plan it depends on."""
+    manifest = dict(manifest, status="creating", created=_dt.datetime.now(_dt.timezone.utc).isoformat(),
+                    tool_version=__version__, spill_shards=[])
+    # one write of zarr.json that already carries the manifest: there is no moment where it is a bare group
+    group = zarr.create_group(url, overwrite=overwrite, attributes={ATTR: manifest})
     total = manifest["layout"]["total_views"]
     shard_views = manifest["layout"]["shard_views"]
     encoded = np.zeros((len(keys), max(1, max(len(k.encode()) for k in keys))), dtype=np.uint8)
@@ -212,9 +273,10 @@ def create_cache(url: str, manifest: dict, keys: list[str], labels: list[int], e
                            dtype=spec.dtype, fill_value=spec.fill, compressors=_codecs())
     group.create_array("views/shard_done", shape=(manifest["layout"]["num_shards"],), chunks=(1,), dtype="uint8",
                        fill_value=0)
-    manifest = dict(manifest, status="incomplete", created=_dt.datetime.now(_dt.timezone.utc).isoformat(),
-                    tool_version=__version__, spill_shards=[])
-    group.attrs[ATTR] = manifest
+    params = PlanParams(**manifest["plan"])
+    for e in range(params.epochs):
+        write_epoch_plan(group, e, make_epoch_plan(params, e))
+    group.attrs[ATTR] = dict(manifest, status="incomplete")
     return Cache(group, url)
 
 
@@ -224,15 +286,31 @@ def _write_array(group, name: str, data: np.ndarray, chunks) -> None:
     arr[...] = data
 
 
-def write_epoch_plan(cache: Cache, epoch: int, plan: EpochPlan) -> None:
+def write_epoch_plan(group: zarr.Group, epoch: int, plan: EpochPlan) -> None:
     for f in _PLAN_FIELDS:
-        cache.group[f"plan/{f}"][epoch] = getattr(plan, f)
+        group[f"plan/{f}"][epoch] = getattr(plan, f)
+
+
+def repair_plan(cache: Cache) -> list[int]:
+    """Rewrite every epoch whose stored plan differs from its parameters, and mark that epoch's shards undone
+    (outputs computed on a wrong plan belong to other images). Returns the epochs repaired."""
+    bad = [e for e in range(cache.plan_params.epochs) if not cache.plan_ok(e)]
+    vpe = cache.views_per_epoch
+    for e in bad:
+        write_epoch_plan(cache.group, e, make_epoch_plan(cache.plan_params, e))
+        first, last = e * vpe // cache.shard_views, ((e + 1) * vpe - 1) // cache.shard_views
+        for s in range(first, last + 1):
+            cache.group["views/shard_done"][s] = 0
+    return bad
 
 
 def write_shard(cache: Cache, shard: int, arrays: dict[str, np.ndarray], fingerprints: np.ndarray,
                 spill: dict[str, np.ndarray] | None) -> None:
     """Write one whole shard (one call per array), then its completion marker. Only its owner calls this."""
     start, stop = cache.shard_range(shard)
+    stale = f"spill/s{shard:06d}"
+    if stale in cache.group:  # rows of an earlier attempt (another device can round differently)
+        del cache.group[stale]
     if spill is not None and len(spill["view"]):
         g = cache.group.require_group(f"spill/s{shard:06d}")
         for k, v in spill.items():

@@ -15,7 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
 from .errors import CacheError
+from .views import Renormalize, model_normalization
 
 # Short names for the three DeiT sizes of the paper; all three must carry a distillation token.
 STUDENT_ALIASES = {
@@ -36,7 +39,8 @@ def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 class CSKDStudent(nn.Module):
     """Wraps (does not copy) a timm ViT with a distillation token (timm's VisionTransformerDistilled)."""
 
-    def __init__(self, model: nn.Module, teacher_grid: tuple[int, int]) -> None:
+    def __init__(self, model: nn.Module, teacher_grid: tuple[int, int], view_mean=IMAGENET_DEFAULT_MEAN,
+                 view_std=IMAGENET_DEFAULT_STD) -> None:
         super().__init__()
         name = type(model).__name__
         # A plain ViT has no second token to train against the teacher: refuse instead of silently using the cls token.
@@ -45,9 +49,16 @@ class CSKDStudent(nn.Module):
         if getattr(model, "global_pool", "token") != "token":  # forward_head reads tokens 0 and 1, nothing else
             raise CacheError(f"student {name} must use global_pool='token', got {model.global_pool!r}")
         self.model = model
+        # views come normalised with the recipe's mean/std; the student sees them with its own config's
+        self.renorm = Renormalize(view_mean, view_std, *model_normalization(model))
         self.teacher_grid = _pair(teacher_grid)
         self.patch_grid = _pair(model.patch_embed.grid_size)
         self.kernel = self._kernel(self.patch_grid)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """timm's optimizer factory reads this: pos_embed, cls_token and dist_token are not decayed (as in DeiT)."""
+        return {f"model.{n}" for n in getattr(self.model, "no_weight_decay", lambda: set())()}
 
     def _kernel(self, grid: tuple[int, int]) -> tuple[int, int]:
         (H, W), (h, w) = grid, self.teacher_grid
@@ -62,7 +73,7 @@ class CSKDStudent(nn.Module):
         grid = self.patch_grid
         if getattr(m, "dynamic_img_size", False):  # the grid follows the input size
             grid = _pair(m.patch_embed.dynamic_feat_size(tuple(x.shape[-2:])))
-        tokens = m.forward_features(x)  # [B, prefix + H*W, D], final norm already applied
+        tokens = m.forward_features(self.renorm(x))  # [B, prefix + H*W, D], final norm already applied
         tokens = m.head_drop(tokens)  # timm's forward_head drops cls/dist this way; patches get the same
         cls = m.head(tokens[:, 0])
         dist = m.head_dist(tokens[:, 1])
@@ -85,7 +96,8 @@ class CSKDStudent(nn.Module):
 
 
 def create_student(name: str, num_classes: int, img_size: int, teacher_grid: tuple[int, int],
-                   drop_path: float = 0.0, pretrained: bool = False) -> CSKDStudent:
+                   drop_path: float = 0.0, pretrained: bool = False, view_mean=IMAGENET_DEFAULT_MEAN,
+                   view_std=IMAGENET_DEFAULT_STD) -> CSKDStudent:
     """A timm model by alias or timm name. drop_path 0.0 is the official CSKD configs' value (DeiT's own is 0.1)."""
     timm_name, kwargs = STUDENT_VARIANTS.get(name, (STUDENT_ALIASES.get(name, name), {}))
     if not timm.is_model(timm_name):
@@ -95,4 +107,4 @@ def create_student(name: str, num_classes: int, img_size: int, teacher_grid: tup
         raise CacheError(f"student {name!r} is a resized architecture with no pretrained weights")
     model = timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, img_size=img_size,
                               drop_path_rate=drop_path, **kwargs)
-    return CSKDStudent(model, teacher_grid)
+    return CSKDStudent(model, teacher_grid, view_mean, view_std)

@@ -16,28 +16,54 @@ import timm
 import torch
 import torch.nn as nn
 
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
 from .errors import CacheError
+from .views import Renormalize, model_normalization
 
 # DeiT's (and CSKD's) teacher. timm's bare `regnety_160` resolves to other (in12k) weights, so name it exactly.
 TEACHER_ALIASES = {"regnety_160": "regnety_160.deit_in1k"}
+PRECISIONS = ("fp32", "fp16", "bf16")
+_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """'auto' (or None): fp16 autocast on a GPU, as the official CSKD code runs its teacher (bf16's 8-bit
+    mantissa flips about 10x more argmaxes than fp16's 11 bits), and fp32 on a CPU, where autocast is slower."""
+    if precision in (None, "auto"):
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise CacheError(f"--teacher-precision {precision!r}: use one of auto, {', '.join(PRECISIONS)}")
+    return precision
 
 
 class DenseTeacher(nn.Module):
-    def __init__(self, model: nn.Module):
+    """`view_mean/std`: how the views it is fed are normalised (the recipe's); it renormalises them to its own
+    pretrained config. `precision`: fp32, or the autocast dtype its forward runs under (fp16 / bf16)."""
+
+    def __init__(self, model: nn.Module, view_mean=IMAGENET_DEFAULT_MEAN, view_std=IMAGENET_DEFAULT_STD,
+                 precision: str = "fp32"):
         super().__init__()
         self.model = model.eval()
+        self.mean, self.std = model_normalization(model)
+        self.renorm = Renormalize(view_mean, view_std, self.mean, self.std)
+        if precision not in PRECISIONS:
+            raise CacheError(f"teacher precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        self.precision = precision
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, 3, H, W] -> dense [B, h*w, K] and global [B, K], both float32."""
-        feats = self.model.forward_features(x)
-        if feats.ndim != 4:
-            raise CacheError(f"teacher {self.name!r} has no spatial feature map (forward_features gives shape "
-                             f"{tuple(feats.shape)}); use a CNN teacher such as regnety_160")
-        b, c, h, w = feats.shape
-        per_position = feats.permute(0, 2, 3, 1).reshape(b * h * w, c, 1, 1)
-        dense = self.model.forward_head(per_position).float().reshape(b, h * w, -1)
-        return dense, dense.mean(dim=1)
+        """x [B, 3, H, W] (normalised as the views are) -> dense [B, h*w, K] and global [B, K], both float32."""
+        x = self.renorm(x)
+        with torch.autocast(x.device.type, dtype=_AUTOCAST.get(self.precision), enabled=self.precision != "fp32"):
+            feats = self.model.forward_features(x)
+            if feats.ndim != 4:
+                raise CacheError(f"teacher {self.name!r} has no spatial feature map (forward_features gives shape "
+                                 f"{tuple(feats.shape)}); use a CNN teacher such as regnety_160")
+            b, c, h, w = feats.shape
+            per_position = feats.permute(0, 2, 3, 1).reshape(b * h * w, c, 1, 1)
+            dense = self.model.forward_head(per_position).float().reshape(b, h * w, -1)
+        return dense, dense.mean(dim=1)  # the mean in fp32, whatever the forward ran in
 
     @property
     def name(self) -> str:
@@ -54,11 +80,16 @@ class DenseTeacher(nn.Module):
 
     @torch.inference_mode()
     def check_global_equals_output(self, input_size: int, atol: float = 1e-4) -> bool:
-        """True when the mean of the dense logits is the model's own pooled prediction (a linear head)."""
+        """True when the mean of the dense logits is the model's own pooled prediction (a linear head).
+        Checked in fp32, whatever the teacher's precision: it is a property of the architecture."""
         p = next(self.model.parameters())
         x = torch.randn(2, 3, input_size, input_size, generator=torch.Generator().manual_seed(0)).to(p.device)
-        _, glob = self(x)
-        out = self.model(x).float()
+        precision, self.precision = self.precision, "fp32"
+        try:
+            _, glob = self(x)
+        finally:
+            self.precision = precision
+        out = self.model(self.renorm(x)).float()
         return bool(torch.allclose(glob, out, atol=atol, rtol=1e-4))
 
 
@@ -88,8 +119,10 @@ def _classifier_width(name: str, state: dict) -> int | None:
 
 
 def create_teacher(name: str, *, pretrained: bool = False, checkpoint: str | None = None,
-                   num_classes: int | None = None) -> tuple[DenseTeacher, dict]:
-    """Any timm CNN by name; weights from the hub (`pretrained`) or a local .pth/.safetensors file (weights only)."""
+                   num_classes: int | None = None, view_mean=IMAGENET_DEFAULT_MEAN, view_std=IMAGENET_DEFAULT_STD,
+                   precision: str = "fp32") -> tuple[DenseTeacher, dict]:
+    """Any timm CNN by name; weights from the hub (`pretrained`) or a local .pth/.safetensors file (weights only).
+    view_mean/std: the recipe's normalisation of the views it will see; precision: fp32 | fp16 | bf16."""
     if not pretrained and not checkpoint:
         raise CacheError("no teacher weights: pass --pretrained (timm / Hugging Face hub) or "
                          "--teacher-checkpoint PATH (.pth or .safetensors)")
@@ -120,7 +153,7 @@ def create_teacher(name: str, *, pretrained: bool = False, checkpoint: str | Non
         except RuntimeError as e:
             detail = " ".join(str(e).split())[:300]
             raise CacheError(f"--teacher-checkpoint {checkpoint}: does not fit {name} ({detail})") from None
-    teacher = DenseTeacher(model)
+    teacher = DenseTeacher(model, view_mean, view_std, precision)
     info = {
         "name": name,
         "architecture": teacher.name,
@@ -129,7 +162,8 @@ def create_teacher(name: str, *, pretrained: bool = False, checkpoint: str | Non
         "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
         "weights_sha256": state_dict_sha256(model),
         "num_classes": model.num_classes,
-        "mean": list(model.pretrained_cfg.get("mean", ())),
-        "std": list(model.pretrained_cfg.get("std", ())),
+        "mean": list(teacher.mean),  # what its input is normalised with (its pretrained config's)
+        "std": list(teacher.std),
+        "precision": precision,
     }
     return teacher, info

@@ -1,17 +1,15 @@
 """Stage two: train a DeiT student with CSKD, reading teacher outputs from the cache (or running the teacher).
 
 One code path for three teacher sources: `cache` decodes the cached encoding, `online` runs the teacher on the
-same replayed views and passes its outputs through the same encoding (so both give identical targets), `none`
-trains plain DeiT. Views come from the plan in order, replayed by the function stage one used.
+same replayed views (its targets equal the cache's exactly), `none` trains plain DeiT. `train()` reads like
+DeiT's main.py: set the run up (`setup`), then per epoch `train_one_epoch`, `evaluate`, and a checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -19,18 +17,21 @@ import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
-from tqdm import tqdm
 
+from . import store
 from .data import LabeledImages, open_source
 from .distributed import Dist, init_distributed
 from .encodings import make_encoding
+from .engine import TeacherTargets, evaluate, train_one_epoch
 from .errors import CacheError
-from .losses import CSKDLoss, alpha_at, mixup_target
+from .loader import RankBatches, epoch_loader
+from .losses import CSKD_TYPES, DISTILL_TYPES, CSKDLoss, alpha_at
+from .order import epoch_views, reuse_factor
 from .plan import make_epoch_plan
-from .store import BlockReader, Cache, to_torch
+from .store import Cache
 from .student import create_student
-from .teacher import create_teacher
-from .views import PairDataset, Recipe, build_eval_transform, collate_pairs, pair_items
+from .teacher import create_teacher, resolve_precision
+from .views import PairDataset, Recipe, build_eval_transform
 
 
 @dataclass
@@ -44,9 +45,11 @@ class TrainConfig:
     teacher_source: str = "cache"  # cache | online | none
     teacher: str | None = None  # online mode (default: the cache's teacher)
     teacher_checkpoint: str | None = None
+    teacher_precision: str | None = None  # online: default the cache's (else fp16 on a GPU, fp32 on a CPU)
     alpha_schedule: str = "linear"
     alpha_per_step: bool = False
     distill: str = "hard"
+    cskd_loss: str = "hard"  # hard CKF targets (paper default) | soft (KL on the fused logits, official option)
     tau: float = 1.0
     base_weight: float = 0.5
     distill_weight: float = 0.5
@@ -66,9 +69,39 @@ class TrainConfig:
     force: bool = False
     seed: int = 0
     plan_epochs: int | None = None  # no cache: how many plan epochs to cycle (default: epochs)
+    repeats: int = 3  # no cache: repeated augmentation of the plan (a cache brings its own)
     max_steps: int | None = None  # per epoch, for quick runs
     stop_after: int | None = None  # stop (resumably) once this many epochs are done: budgets, resume tests
     input_size: int | None = None  # no cache: the view size (default 224); a cache brings its own recipe
+
+
+@dataclass
+class Run:
+    """Everything `setup` decides; the epoch loop only uses it."""
+
+    cfg: TrainConfig
+    dist: Dist
+    device: torch.device
+    source: object
+    recipe: Recipe
+    plan: object  # epoch -> EpochPlan
+    plan_epochs: int
+    views_per_epoch: int
+    block: int  # views per block when a cycle reorders the cache (its chunk size)
+    num_classes: int
+    student: torch.nn.Module
+    model: torch.nn.Module  # the student, or its DDP wrapper
+    ema: ModelEmaV3 | None
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineLRScheduler
+    criterion: CSKDLoss
+    targets: TeacherTargets
+    identity: dict  # what the teacher targets depend on (a cache's identity); a resume must match it
+    cache_url: str | None = None
+    steps: int = 0
+    start_epoch: int = 0
+    history: list = field(default_factory=list)
+    val: object = None
 
 
 def _check_cache(cfg: TrainConfig, cache: Cache, source) -> None:
@@ -82,20 +115,6 @@ def _check_cache(cfg: TrainConfig, cache: Cache, source) -> None:
     if max(source.labels) >= m["num_classes"] and not cfg.force:
         raise CacheError(f"--data has {max(source.labels) + 1} classes but the cache's teacher has "
                          f"{m['num_classes']}; pass --force to use it anyway")
-
-
-def _cache_recipe(cfg: TrainConfig, cache: Cache) -> Recipe:
-    """The recipe the cache's views were made with; the student trains on exactly those views."""
-    d = {k: v for k, v in cache.manifest["recipe"].items() if k != "library_versions"}
-    unknown = sorted(set(d) - set(Recipe.__dataclass_fields__))
-    if unknown:
-        raise CacheError(f"--cache {cfg.cache} uses augmentation settings this cskd-cache does not know "
-                         f"({', '.join(unknown)}); upgrade cskd-cache to the version that made it")
-    recipe = Recipe.from_dict(d)
-    if cfg.input_size is not None and cfg.input_size != recipe.input_size:
-        raise CacheError(f"--input-size {cfg.input_size} does not fit --cache {cfg.cache}, whose views are "
-                         f"{recipe.input_size} px; drop --input-size, or precompute a cache at {cfg.input_size} px")
-    return recipe
 
 
 # Flags that may change between a run and its --resume: they do not alter what is computed (data and cache may
@@ -113,23 +132,38 @@ def _check_resume(cfg: TrainConfig, saved: dict, path: str) -> None:
                          f"pass the same flags, or a new --out to start another run")
 
 
+def _identity_mismatch(saved: dict, now: dict) -> str | None:
+    for key in sorted(set(saved) | set(now)):
+        if json.dumps(saved.get(key), sort_keys=True) != json.dumps(now.get(key), sort_keys=True):
+            return key
+    return None
+
+
 def _lr(cfg: TrainConfig, world: int) -> float:
     return cfg.lr if cfg.lr is not None else 5e-4 * cfg.batch_size * world / 512
 
 
-def train(cfg: TrainConfig, dist: Dist | None = None) -> list[dict]:
-    """The whole training run; returns the per-epoch metrics it also writes to OUT/metrics.jsonl."""
-    dist = dist or init_distributed()
-    device = dist.device(cfg.device)
+def _check_flags(cfg: TrainConfig) -> None:
     if cfg.teacher_source not in ("cache", "online", "none"):
         raise CacheError("--teacher-source must be cache, online or none")
-    if cfg.batch_size % 2:
-        raise CacheError("--batch-size must be even (views come in mixing pairs)")
+    if cfg.batch_size < 2 or cfg.batch_size % 2:
+        raise CacheError("--batch-size must be an even number >= 2 (views come in mixing pairs)")
+    if cfg.distill not in DISTILL_TYPES:
+        raise CacheError(f"--distill {cfg.distill!r}: use one of {', '.join(DISTILL_TYPES)}")
+    if cfg.cskd_loss not in CSKD_TYPES:
+        raise CacheError(f"--cskd-loss {cfg.cskd_loss!r}: use one of {', '.join(CSKD_TYPES)}")
+    if cfg.epochs < 1:
+        raise CacheError("--epochs must be >= 1")
+
+
+def setup(cfg: TrainConfig, dist: Dist) -> Run:
+    """Data, cache, teacher, student, optimizer, loss; and the state of a run being resumed."""
+    _check_flags(cfg)
+    device = dist.device(cfg.device)
     source = open_source(cfg.data)
     cache = Cache.open(cfg.cache) if cfg.cache else None
     if cfg.teacher_source == "cache" and cache is None:
         raise CacheError("--teacher-source cache needs --cache (or use --teacher-source online / none)")
-    teacher = None
     if cache is not None:
         _check_cache(cfg, cache, source)
         index = {k: i for i, k in enumerate(source.keys)}
@@ -139,153 +173,183 @@ def train(cfg: TrainConfig, dist: Dist | None = None) -> list[dict]:
             raise CacheError(f"--data lacks {len(missing)} of the {len(keys)} images --cache {cfg.cache} was made "
                              f"from (e.g. {missing[0]!r}); train on the data the cache was made from")
         source = source.subset([index[k] for k in keys])
-        recipe = _cache_recipe(cfg, cache)
+        recipe = cache.recipe
+        if cfg.input_size is not None and cfg.input_size != recipe.input_size:
+            raise CacheError(f"--input-size {cfg.input_size} does not fit --cache {cfg.cache}, whose views are "
+                             f"{recipe.input_size} px; drop --input-size, or precompute a cache at "
+                             f"{cfg.input_size} px")
         num_classes, grid, encoding = cache.manifest["num_classes"], tuple(cache.manifest["grid"]), cache.encoding
-        plan, plan_epochs, vpe = cache.epoch_plan, cache.manifest["plan"]["epochs"], cache.views_per_epoch
+        plan, plan_epochs, vpe = cache.epoch_plan, cache.plan_params.epochs, cache.views_per_epoch
+        block, identity = cache.manifest["layout"]["chunk_views"], store.identity(cache.manifest)
     else:
         recipe = Recipe(input_size=cfg.input_size or 224)
         num_classes = len(source.classes)
-        params = recipe.plan_params(len(source), cfg.plan_epochs or cfg.epochs, cfg.seed, 1)
+        params = recipe.plan_params(len(source), cfg.plan_epochs or cfg.epochs, cfg.seed, cfg.repeats)
         plan, plan_epochs, vpe = (lambda e: make_epoch_plan(params, e)), params.epochs, params.views_per_epoch
-        grid, encoding = None, None
+        grid, encoding, block = None, None, 64
+        # plan epochs follow --epochs, which a resume may extend; an epoch's plan does not depend on their count
+        identity = {"plan": {k: v for k, v in params.to_dict().items() if k != "epochs"},
+                    "recipe": store.identity({"recipe": recipe.to_dict()})["recipe"]}
+
+    teacher = None
     if cfg.teacher_source == "online":
         name = cfg.teacher or (cache.manifest["teacher"]["name"] if cache else None)
         if not name:
             raise CacheError("--teacher-source online needs --teacher (or a --cache that names one)")
-        teacher, info = create_teacher(name, checkpoint=cfg.teacher_checkpoint, pretrained=not cfg.teacher_checkpoint)
+        precision = cfg.teacher_precision or (cache.manifest["teacher"].get("precision") if cache else None)
+        teacher, info = create_teacher(name, checkpoint=cfg.teacher_checkpoint, pretrained=not cfg.teacher_checkpoint,
+                                       view_mean=recipe.mean, view_std=recipe.std,
+                                       precision=resolve_precision(precision, device))
         teacher = teacher.to(device)
         if cache is not None and info["weights_sha256"] != cache.manifest["teacher"]["weights_sha256"] and not cfg.force:
             raise CacheError("the online teacher's weights differ from the cache's teacher; pass --force")
         grid = grid or teacher.grid(recipe.input_size)
         num_classes = info["num_classes"] if cache is None else num_classes
-        encoding = encoding or make_encoding("full", num_classes, grid[0] * grid[1])
-    if cache is not None and plan_epochs < cfg.epochs and dist.main:
-        print(f"note: the cache holds {plan_epochs} augmented epochs; training cycles them over {cfg.epochs} epochs")
+        encoding = make_encoding("full", num_classes, grid[0] * grid[1])  # exact: fuse and argmax directly
+        if cache is None:
+            identity["teacher"] = {k: info[k] for k in ("name", "weights_sha256", "precision")}
 
-    torch.manual_seed(cfg.seed + dist.rank)
-    student = create_student(cfg.student, num_classes, recipe.input_size, grid or (1, 1), drop_path=cfg.drop_path)
-    student = student.to(device)
-    ema = ModelEmaV3(student, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
-    model = torch.nn.parallel.DistributedDataParallel(student) if dist.world > 1 else student
-    optimizer = create_optimizer_v2(student, "adamw", lr=_lr(cfg, dist.world), weight_decay=cfg.weight_decay)
-    scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs, warmup_t=cfg.warmup_epochs,
-                                  warmup_lr_init=cfg.warmup_lr, lr_min=cfg.min_lr)
     mode = "none" if cfg.teacher_source == "none" else "cskd"
     criterion = CSKDLoss(cfg.distill, cfg.tau, base_weight=1.0 if mode == "none" else cfg.base_weight,
                          distill_weight=0.0 if mode == "none" else cfg.distill_weight,
-                         cskd_weight=0.0 if mode == "none" else cfg.cskd_weight)
-    os.makedirs(cfg.out, exist_ok=True)
-    ckpt_path, metrics_path = os.path.join(cfg.out, "checkpoint.pth"), os.path.join(cfg.out, "last.json")
-    start_epoch, history = 0, []
-    if cfg.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)  # our own file
-        _check_resume(cfg, ck.get("config", {}), ckpt_path)
-        student.load_state_dict(ck["model"]), optimizer.load_state_dict(ck["optimizer"])
-        if ema is not None and ck.get("ema") is not None:
-            ema.load_state_dict(ck["ema"])
-        start_epoch, history = ck["epoch"] + 1, ck["history"]
+                         cskd_weight=0.0 if mode == "none" else cfg.cskd_weight, cskd_type=cfg.cskd_loss)
+    if "ckf_logits" in criterion.needs and encoding.soft_ckf == "none":
+        raise CacheError(f"--cskd-loss soft needs dense logits of every class, which the {encoding.name} encoding "
+                         "does not keep; precompute with --encoding full (exact) or topk (approximate), or use "
+                         "--cskd-loss hard")
+    if dist.main and mode != "none" and cfg.teacher_source == "cache":
+        approx = [what for what, need, exact in (
+            ("soft distillation", "teacher_global", encoding.exact_global),
+            ("soft CKF", "ckf_logits", encoding.soft_ckf == "exact")) if need in criterion.needs and not exact]
+        if approx:
+            print(f"note: {' and '.join(approx)} from a {encoding.name} cache use(s) its top-k approximation of the "
+                  "teacher's distribution (stored probabilities exact, the rest spread evenly); --encoding full "
+                  "is exact")
 
-    labels = torch.tensor(source.labels, dtype=torch.int64)
-    dataset = PairDataset(source, recipe)
-    global_batch = cfg.batch_size * dist.world
-    steps = vpe // global_batch
+    # The same initial weights on every rank (DDP would broadcast rank 0's anyway), then DDP, then the EMA of
+    # those weights: an EMA built before the broadcast would start from each rank's own init.
+    torch.manual_seed(cfg.seed)
+    student = create_student(cfg.student, num_classes, recipe.input_size, grid or (1, 1), drop_path=cfg.drop_path,
+                             view_mean=recipe.mean, view_std=recipe.std).to(device)
+    model = torch.nn.parallel.DistributedDataParallel(student) if dist.world > 1 else student
+    ema = ModelEmaV3(student, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+    optimizer = create_optimizer_v2(student, "adamw", lr=_lr(cfg, dist.world), weight_decay=cfg.weight_decay)
+    scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs, warmup_t=cfg.warmup_epochs,
+                                  warmup_lr_init=cfg.warmup_lr, lr_min=cfg.min_lr)
+    steps = vpe // (cfg.batch_size * dist.world)
     if steps == 0:
         raise CacheError(f"--batch-size {cfg.batch_size} x {dist.world} processes exceeds the {vpe} views of an epoch")
-    if cfg.max_steps:
-        steps = min(steps, cfg.max_steps)
-    plan = lru_cache(maxsize=2)(plan)
-    reader = BlockReader(cache) if cfg.teacher_source == "cache" else None
-    val = _val_loader(cfg, recipe, dist) if cfg.val_data else None
-    for epoch in range(start_epoch, min(cfg.epochs, cfg.stop_after or cfg.epochs)):
-        scheduler.step(epoch)
-        # Each (seed, epoch, rank) has its own random stream (drop path, dropout), so a resumed run draws exactly
-        # what an uninterrupted one would, on every rank, without saving generator states.
-        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, dist.rank]).generate_state(1)[0]))
-        pe = epoch % plan_epochs
-        first = pe * vpe
-        batches = [pair_items(plan, first + s * global_batch + dist.rank * cfg.batch_size,
-                              first + s * global_batch + (dist.rank + 1) * cfg.batch_size, vpe) for s in range(steps)]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.workers,
-                                             collate_fn=collate_pairs, pin_memory=device.type == "cuda")
-        model.train()
-        sums, seen, t0 = {}, 0, time.time()
-        bar = tqdm(loader, total=steps, desc=f"epoch {epoch}", unit="batch", disable=None if dist.main else True)
-        for step, batch in enumerate(bar):
-            if "error" in batch:
-                raise CacheError(f"--data: {batch['error']}")
-            v0 = int(batch["view"][0])
-            v1 = v0 + len(batch["view"])
-            x = batch["image"].to(device, non_blocking=True)
-            ep = plan(pe)
-            pos = np.arange(v0 - first, v1 - first)
-            lam = torch.from_numpy(ep.lam[pos]).to(device)
-            y_a, y_b = labels[ep.sample[pos]].to(device), labels[ep.sample[pos ^ 1]].to(device)
-            target = mixup_target(y_a, y_b, lam, num_classes, recipe.label_smoothing)
-            alpha = alpha_at(epoch, step, steps, cfg.epochs, cfg.alpha_schedule, cfg.alpha_per_step)
-            teacher_kw = {}
-            if mode != "none":
-                arrays, spill = _teacher_outputs(cfg, reader, teacher, encoding, x, v0, v1, batch, device)
-                teacher_kw = dict(teacher_global=encoding.decode_global(arrays),
-                                  teacher_global_argmax=encoding.global_argmax(arrays),
-                                  ckf_targets=encoding.decode_targets(arrays, alpha, spill))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = model(x)
-            loss, parts = criterion({k: v.float() for k, v in out.items()}, target, **teacher_kw)
-            if not math.isfinite(loss.item()):
-                raise CacheError(f"loss is {loss.item()} at epoch {epoch} step {step}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
-            optimizer.step()
-            if ema is not None:
-                ema.update(student)
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v * len(x)
-            seen += len(x)
-            bar.set_postfix(loss=f"{parts['total']:.3f}", img_s=f"{seen * dist.world / (time.time() - t0):.0f}")
-        seconds = time.time() - t0
-        if dist.world > 1:  # losses over all ranks' views, not rank 0's alone
-            totals = torch.tensor([seen, *sums.values()], dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(totals)
-            seen, sums = int(totals[0]), dict(zip(sums, totals[1:].tolist()))
-        row = {"epoch": epoch, "alpha": alpha, "lr": optimizer.param_groups[0]["lr"],
-               "img_per_s": seen / seconds, "teacher_source": cfg.teacher_source,
-               **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()}}
-        if val is not None:
-            row.update(evaluate(student, val, device, dist))
-            if ema is not None:
-                row.update({f"ema_{k}": v for k, v in evaluate(ema.module, val, device, dist).items()})
-        history.append(row)
+    run = Run(cfg=cfg, dist=dist, device=device, source=source, recipe=recipe, plan=lru_cache(maxsize=2)(plan),
+              plan_epochs=plan_epochs, views_per_epoch=vpe, block=block, num_classes=num_classes, student=student,
+              model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, criterion=criterion,
+              targets=TeacherTargets(encoding, criterion.needs, teacher), identity=identity,
+              cache_url=cfg.cache if cfg.teacher_source == "cache" else None,
+              steps=min(steps, cfg.max_steps) if cfg.max_steps else steps)
+    _resume(run)
+    run.val = _val_loader(cfg, recipe, dist) if cfg.val_data else None
+    return run
+
+
+def _checkpoint_path(cfg: TrainConfig) -> str:
+    return os.path.join(cfg.out, "checkpoint.pth")
+
+
+def _resume(run: Run) -> None:
+    cfg, path = run.cfg, _checkpoint_path(run.cfg)
+    if not os.path.exists(path):
+        if cfg.resume and run.dist.main:
+            print(f"note: --resume: no run in {cfg.out} yet; starting a new one")
+        return
+    if not cfg.resume:
+        raise CacheError(f"--out {cfg.out} already holds a run; pass --resume to continue it, or choose another --out")
+    try:  # weights_only: a checkpoint is data, never code (it may come from someone else)
+        ck = torch.load(path, map_location=run.device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, say so in one line
+        raise CacheError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160]})") from None
+    _check_resume(cfg, ck.get("config", {}), path)
+    what = _identity_mismatch(ck.get("identity", {}), run.identity)
+    if what:
+        raise CacheError(f"--resume: {path} was trained with teacher targets from another {what} than the ones "
+                         "given now (another cache, teacher or plan); pass the run's own --cache, or a new --out")
+    run.student.load_state_dict(ck["model"])
+    run.optimizer.load_state_dict(ck["optimizer"])
+    if run.ema is not None and ck.get("ema") is not None:
+        run.ema.load_state_dict(ck["ema"])
+    run.start_epoch, run.history = ck["epoch"] + 1, ck["history"]
+
+
+def train(cfg: TrainConfig, dist: Dist | None = None) -> list[dict]:
+    """The whole training run; returns the per-epoch metrics it also writes to OUT/metrics.jsonl."""
+    dist = dist or init_distributed()
+    run = setup(cfg, dist)
+    os.makedirs(cfg.out, exist_ok=True)
+    reuse = reuse_factor(cfg.epochs, run.plan_epochs)
+    if dist.main and run.start_epoch < cfg.epochs:
+        print(f"views: {run.plan_epochs} augmented epochs of {run.views_per_epoch} views for {cfg.epochs} training "
+              f"epochs of {run.steps} steps x {cfg.batch_size * dist.world}: each view used {reuse:g} times"
+              + (" (the official condition is 1: fresh views every epoch)" if reuse > 1 else ""))
+    dataset = PairDataset(run.source, run.recipe)
+    for epoch in range(run.start_epoch, min(cfg.epochs, cfg.stop_after or cfg.epochs)):
+        row = _one_epoch(run, dataset, epoch)
+        row["reuse_factor"] = reuse
+        if run.val is not None:
+            row.update(evaluate(run.student, run.val, run.device, dist))
+            if run.ema is not None:
+                row.update({f"ema_{k}": v for k, v in evaluate(run.ema.module, run.val, run.device, dist).items()})
+            # what the paper reports: the best top-1 of the raw model over epochs
+            row["best_top1"] = max([r["top1"] for r in run.history] + [row["top1"]])
+        run.history.append(row)
         if dist.main:
             print(json.dumps(row))
-            with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
-            torch.save({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
-                        "ema": ema.state_dict() if ema is not None else None, "epoch": epoch,
-                        "history": history, "config": asdict(cfg)},
-                       ckpt_path + ".tmp")
-            os.replace(ckpt_path + ".tmp", ckpt_path)  # a kill never leaves a half-written checkpoint
-            with open(metrics_path, "w") as f:
-                json.dump(row, f)
+            _save(run, epoch, row)
         dist.barrier()
-    return history
+    if dist.main and run.history and "best_top1" in run.history[-1]:
+        best = max(run.history, key=lambda r: r["top1"])
+        ema = f", EMA {run.history[-1]['ema_top1']:.2f} last" if "ema_top1" in run.history[-1] else ""
+        print(f"best top-1 {best['top1']:.2f} at epoch {best['epoch']} (raw model, as the paper reports){ema}")
+    return run.history
 
 
-def _teacher_outputs(cfg, reader, teacher, encoding, x, v0, v1, batch, device):
-    """Encoded teacher outputs for views [v0, v1): read from the cache, or the online teacher's, encoded alike."""
-    if cfg.teacher_source == "cache":
-        arrays, want, spill = reader.read(v0, v1)
-        if not np.array_equal(want, batch["fingerprint"].numpy()):
-            bad = v0 + int(np.flatnonzero(want != batch["fingerprint"].numpy())[0])
-            raise CacheError(f"replay drift at view {bad}: the augmented pixels differ from those the teacher saw "
-                             "(augmentation code, library versions or images changed since the cache was made; "
-                             f"it recorded {reader.cache.manifest['recipe']['library_versions']})")
-        return to_torch(arrays, device), (None if spill is None else to_torch(spill, device))
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        dense, glob = teacher(x)
-    arrays, spill = encoding.encode(dense.float(), glob.float())
-    return arrays, spill
+def _one_epoch(run: Run, dataset: PairDataset, epoch: int) -> dict:
+    cfg, dist = run.cfg, run.dist
+    run.scheduler.step(epoch)
+    # Each (seed, epoch, rank) has its own random stream (drop path, dropout), so a resumed run draws exactly
+    # what an uninterrupted one would, on every rank, without saving generator states.
+    torch.manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, dist.rank]).generate_state(1)[0]))
+    views = epoch_views(epoch, run.plan_epochs, run.views_per_epoch, cfg.batch_size * dist.world, run.steps,
+                        run.block, cfg.seed)
+    batches = RankBatches(run.plan, views, run.views_per_epoch, cfg.batch_size, dist.rank, dist.world)
+    loader = epoch_loader(dataset, batches, run.cache_url, cfg.workers, run.device.type == "cuda")
+    per_step = lambda step: alpha_at(epoch, step, run.steps, cfg.epochs, cfg.alpha_schedule, cfg.alpha_per_step)
+    stats = train_one_epoch(run.model, run.criterion, loader, run.optimizer, run.device, epoch,
+                            targets=run.targets, alpha_at=per_step, num_classes=run.num_classes,
+                            smoothing=run.recipe.label_smoothing, ema=run.ema, clip_grad=cfg.clip_grad,
+                            show_progress=dist.main)
+    names = list(stats["sums"])
+    totals = torch.stack([torch.tensor(float(stats["seen"]), device=run.device)] +
+                         [stats["sums"][k].double().to(run.device) for k in names]).double()
+    if dist.world > 1:  # losses over all ranks' views, not rank 0's alone
+        torch.distributed.all_reduce(totals)
+    totals = totals.tolist()  # the epoch's one read of the loss sums
+    seen = int(totals[0])
+    return {"epoch": epoch, "alpha": stats["alpha"], "lr": run.optimizer.param_groups[0]["lr"],
+            "img_per_s": seen / stats["seconds"], "teacher_source": cfg.teacher_source,
+            "cached_epoch": epoch % run.plan_epochs, "cycle": epoch // run.plan_epochs,
+            **{f"train_{k}": v / max(seen, 1) for k, v in zip(names, totals[1:])}}
+
+
+def _save(run: Run, epoch: int, row: dict) -> None:
+    """Checkpoint (atomically: a kill never leaves a half-written one), metrics.jsonl and last.json."""
+    path = _checkpoint_path(run.cfg)
+    torch.save({"model": run.student.state_dict(), "optimizer": run.optimizer.state_dict(),
+                "ema": run.ema.state_dict() if run.ema is not None else None, "epoch": epoch,
+                "history": run.history, "config": asdict(run.cfg), "identity": run.identity}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    with open(os.path.join(run.cfg.out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    with open(os.path.join(run.cfg.out, "last.json"), "w") as f:
+        json.dump(row, f)
 
 
 def _val_loader(cfg: TrainConfig, recipe: Recipe, dist: Dist):
@@ -295,22 +359,3 @@ def _val_loader(cfg: TrainConfig, recipe: Recipe, dist: Dist):
     ids = list(range(dist.rank, len(source), dist.world))
     return torch.utils.data.DataLoader(LabeledImages(source, transform, ids), batch_size=cfg.batch_size,
                                        num_workers=cfg.workers)
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, dist: Dist | None = None) -> dict:
-    """Top-1/top-5 of the CSKD prediction (mean of class head, distillation head and mean dense logits),
-    summed over all ranks' shares of the validation set."""
-    model.eval()
-    counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, images
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model.predict(x).float()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        counts += torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(dim=1).sum(),
-                               torch.tensor(len(y), device=device)]).double()
-    if dist is not None and dist.world > 1:
-        torch.distributed.all_reduce(counts)
-    c1, c5, n = counts.tolist()
-    return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1)}

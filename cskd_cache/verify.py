@@ -13,8 +13,6 @@ def check_replay(cache: Cache, source, count: int, offset: int = 0) -> int:
     """Replay `count` pairs spread over the done shards and compare pixel fingerprints with the stored ones.
 
     A mismatch means augmentation code, a library version or the data changed since the cache was made."""
-    from .precompute import cache_recipe
-
     keys = cache.sample_keys()
     index = {k: i for i, k in enumerate(source.keys)}
     missing = [k for k in keys[:1000] if k not in index]
@@ -24,7 +22,7 @@ def check_replay(cache: Cache, source, count: int, offset: int = 0) -> int:
     done = np.flatnonzero(cache.done_shards())
     if not len(done):
         return 0
-    dataset = PairDataset(source, cache_recipe(cache))
+    dataset = PairDataset(source, cache.recipe)
     total = sum(cache.shard_range(int(s))[1] - cache.shard_range(int(s))[0] for s in done) // 2
     checked = 0
     for j in range(count):
@@ -35,7 +33,7 @@ def check_replay(cache: Cache, source, count: int, offset: int = 0) -> int:
                 v = a + 2 * k
                 break
             k -= (b - a) // 2
-        item = pair_items(cache.epoch_plan, v, v + 2, cache.views_per_epoch)[0]
+        item = pair_items(cache.epoch_plan, [v, v + 1], cache.views_per_epoch)[0]
         got = dataset[item]
         if "error" in got:
             raise CacheError(f"--data: {got['error']}")
@@ -79,8 +77,7 @@ def format_description(info: dict) -> str:
         f"fingerprint {d['fingerprint'][:16]}",
         f"plan         {m['plan']['epochs']} epochs x {lay['views_per_epoch']} views  repeats "
         f"{m['plan']['repeats']}  seed {m['plan']['seed']}",
-        f"encoding     {m['encoding']['name']}  {m['encoding'].get('params', {})}  "
-        f"({'lossy' if m['encoding'].get('lossy') else 'exact CKF targets' if m['encoding'].get('exact_ckf_targets') else 'exact'})",
+        f"encoding     {m['encoding']['name']}  {m['encoding'].get('params', {})}  ({_exactness(m['encoding'])})",
         f"layout       {lay['total_views']} views, {lay['chunk_views']} per chunk, {lay['shard_views']} per shard",
         f"bytes/view   {info['bytes_per_view']['stored']:.0f} stored, {info['bytes_per_view']['raw']:.0f} raw",
     ]
@@ -91,6 +88,19 @@ def format_description(info: dict) -> str:
     return "\n".join(lines)
 
 
+def _exactness(enc: dict) -> str:
+    """What a user gets exactly from this encoding, and what approximately."""
+    exact, approx = [], []
+    (exact if enc.get("exact_ckf_targets") else approx).append("hard CKF targets")
+    exact.append("hard distillation")
+    if "exact_soft_distillation" in enc:
+        (exact if enc["exact_soft_distillation"] else approx).append("soft distillation")
+    if enc.get("soft_ckf") in ("exact", "approximate"):
+        (exact if enc["soft_ckf"] == "exact" else approx).append("soft CKF")
+    out = "exact: " + ", ".join(exact)
+    return out + ("; approximate (top-k): " + ", ".join(approx) if approx else "")
+
+
 def verify_cache(url: str, replay: int = 0, data: str | None = None) -> str:
     """Read every chunk of every view array (zarr checks each chunk's crc32c), then optionally replay views."""
     cache = Cache.open(url)
@@ -98,6 +108,9 @@ def verify_cache(url: str, replay: int = 0, data: str | None = None) -> str:
     problems = []
     if not done.all():
         problems.append(f"{int((~done).sum())} of {len(done)} shards not written")
+    bad_plan = [e for e in range(cache.plan_params.epochs) if not cache.plan_ok(e)]
+    if bad_plan:
+        problems.append(f"the stored plan of epochs {bad_plan[:10]} does not match its parameters")
     step = cache.manifest["layout"]["chunk_views"]
     names = ["fingerprint", *cache.encoding.arrays()]
     for s in np.flatnonzero(done):
@@ -114,7 +127,7 @@ def verify_cache(url: str, replay: int = 0, data: str | None = None) -> str:
     if problems:
         raise CacheError(f"{url}: verify failed: " + "; ".join(problems[:5]) +
                          (f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""))
-    report = f"{url}: {len(done)} shards, every chunk read and checksummed"
+    report = f"{url}: {len(done)} shards, every chunk read and checksummed, the plan matches its parameters"
     if replay:
         if not data:
             raise CacheError("verify --replay needs --data (the dataset the cache was made from)")

@@ -15,9 +15,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import auto_augment as timm_aa
 
+from .errors import CacheError
 from .plan import MODE_CUTMIX, MODE_MIXUP, PlanParams
 
 
@@ -50,8 +52,14 @@ class Recipe:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Recipe":
-        d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+    def from_dict(cls, d: dict, where: str = "the cache") -> "Recipe":
+        """A recipe as recorded in a manifest (library versions ignored). Unknown fields are refused: they would
+        be augmentation settings this version cannot replay."""
+        d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k != "library_versions"}
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise CacheError(f"{where} uses augmentation settings this cskd-cache does not know "
+                             f"({', '.join(unknown)}); upgrade cskd-cache to the version that made it")
         return cls(**d)
 
     def plan_params(self, num_samples: int, epochs: int, seed: int, repeats: int) -> PlanParams:
@@ -72,14 +80,66 @@ def library_versions() -> dict:
             "timm": timm.__version__, "pillow": PIL.__version__, "numpy": np.__version__}
 
 
+def posterize(img: Image.Image, bits_to_keep, **_) -> Image.Image:
+    """timm's posterize op with the meaning every Pillow gave bits 0 until Pillow 13: all bits cleared (black).
+
+    DeiT's `rand-m9-mstd0.5-inc1` draws magnitudes up to 10, which PosterizeIncreasing maps to 0 bits; Pillow 13
+    raises on that (1 view in ~700 on real photos), Pillow <= 12 returned mask ~255 applied to every value, i.e. 0.
+    Bits 1..8 go to Pillow itself, so the views are the same under every supported Pillow."""
+    bits = int(bits_to_keep)
+    if bits >= 8:
+        return img
+    if bits >= 1:
+        return ImageOps.posterize(img, bits)
+    return img.point([0] * 256 * len(img.getbands()))
+
+
+def _pillow_safe(transform):
+    """Swap timm's posterize for ours in every auto-augment op of a composed transform (wrap, don't fork timm).
+    AugmentOp binds its function at construction, so this touches only the transform we build."""
+    for t in getattr(transform, "transforms", [transform]):
+        ops = list(getattr(t, "ops", []) or [])
+        for sub in getattr(t, "policy", []) or []:  # AutoAugment: a list of sub-policies
+            ops.extend(sub)
+        for op in ops:
+            if getattr(op, "aug_fn", None) is timm_aa.posterize:
+                op.aug_fn = posterize
+    return transform
+
+
 def build_transform(recipe: Recipe):
     """timm's training transform for the recipe (RandomResizedCrop, flip, RandAugment, erasing, normalize)."""
-    return create_transform(
+    return _pillow_safe(create_transform(
         recipe.input_size, is_training=True, scale=recipe.scale, ratio=recipe.ratio, hflip=recipe.hflip,
         auto_augment=recipe.auto_augment, color_jitter=recipe.color_jitter, interpolation=recipe.interpolation,
         mean=recipe.mean, std=recipe.std, re_prob=recipe.re_prob, re_mode=recipe.re_mode,
         re_count=recipe.re_count,
-    )
+    ))
+
+
+class Renormalize(torch.nn.Module):
+    """A view normalised with the recipe's mean/std -> the same pixels normalised with a model's own mean/std.
+
+    The cached unit is the view's pixels. timm's recipe normalises them (ImageNet mean/std for DeiT) before random
+    erasing and mixing, and both commute with this per-channel affine map, so one replayed view serves a teacher
+    and a student whose pretrained configs normalise differently (e.g. timm's test_resnet uses 0.5/0.5)."""
+
+    def __init__(self, view_mean, view_std, model_mean, model_std):
+        super().__init__()
+        vm, vs = torch.tensor(view_mean, dtype=torch.float64), torch.tensor(view_std, dtype=torch.float64)
+        mm, ms = torch.tensor(model_mean, dtype=torch.float64), torch.tensor(model_std, dtype=torch.float64)
+        self.identity = bool(torch.equal(vm, mm) and torch.equal(vs, ms))  # bit-exact pass-through when equal
+        self.register_buffer("scale", (vs / ms).float().view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", ((vm - mm) / ms).float().view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.identity else x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+
+
+def model_normalization(model: torch.nn.Module) -> tuple[tuple, tuple]:
+    """(mean, std) from a timm model's pretrained config (ImageNet's when it has none)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
 
 
 def build_eval_transform(recipe: Recipe):
@@ -137,8 +197,8 @@ def fingerprint(view: torch.Tensor) -> int:
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Replays mixing pairs. Items are the pair's plan entries (see `pair_items`), handed in by the sampler,
-    so workers never open the cache (zarr's async machinery does not survive a fork)."""
+    """Replays mixing pairs. Items are the pair's plan entries (see `pair_items`), handed in by the sampler.
+    Each pair also carries its labels and lambda: view 2k's target is lam * own + (1 - lam) * partner."""
 
     def __init__(self, source, recipe: Recipe):
         self.source, self.recipe = source, recipe
@@ -153,20 +213,29 @@ class PairDataset(torch.utils.data.Dataset):
         except BadImageError as e:  # carried as data: DataLoader cannot re-raise exceptions with custom args
             return {"error": str(e)}
         xa, xb = replay_pair(self.transform, img_a, img_b, seed_a, seed_b, float(lam), int(mode), box)
+        ya, yb = self.source.labels[int(sample_a)], self.source.labels[int(sample_b)]
         return {"view": torch.tensor([view, view + 1]), "image": torch.stack([xa, xb]),
-                "fingerprint": torch.tensor([fingerprint(xa), fingerprint(xb)], dtype=torch.int64)}
+                "fingerprint": torch.tensor([fingerprint(xa), fingerprint(xb)], dtype=torch.int64),
+                "label": torch.tensor([ya, yb]), "partner_label": torch.tensor([yb, ya]),
+                "lam": torch.tensor([lam, lam], dtype=torch.float32)}
 
     def __len__(self) -> int:  # items come from the sampler; length is not meaningful
         return 0
 
 
-def pair_items(plan, start: int, stop: int, views_per_epoch: int) -> list[tuple]:
-    """Plan entries of the pairs in views [start, stop) (even bounds, within one epoch)."""
-    epoch, p0 = divmod(start, views_per_epoch)
-    ep = plan(epoch)
-    return [(start + p - p0, int(ep.sample[p]), int(ep.sample[p + 1]), int(ep.seed[p]), int(ep.seed[p + 1]),
-             float(ep.lam[p]), int(ep.mode[p]), tuple(int(b) for b in ep.box[p]))
-            for p in range(p0, p0 + stop - start, 2)]
+def pair_items(plan, views, views_per_epoch: int) -> list[tuple]:
+    """Plan entries of the pairs that make up `views` (global view indices, whole pairs in order: 2k, 2k+1).
+    `plan(epoch)` gives an EpochPlan."""
+    views = np.asarray(views, dtype=np.int64)
+    if len(views) % 2 or (views[0::2] % 2).any() or (views[1::2] != views[0::2] + 1).any():
+        raise ValueError("views must be whole mixing pairs (2k, 2k + 1)")
+    items = []
+    for v in views[0::2].tolist():
+        epoch, p = divmod(v, views_per_epoch)
+        ep = plan(epoch)
+        items.append((v, int(ep.sample[p]), int(ep.sample[p + 1]), int(ep.seed[p]), int(ep.seed[p + 1]),
+                      float(ep.lam[p]), int(ep.mode[p]), tuple(int(b) for b in ep.box[p])))
+    return items
 
 
 def collate_pairs(items: list[dict]) -> dict:

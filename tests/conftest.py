@@ -52,3 +52,27 @@ def precompute_args(data, out, ckpt, *extra) -> list[str]:
     return ["precompute", "--data", str(data), "--out", str(out), "--teacher", TEACHER,
             "--teacher-checkpoint", str(ckpt), "--input-size", "64", "--auto-augment", "none",
             "--batch-size", "8", "--chunk-views", "4", "--shard-views", "8", "--workers", "0", *extra]
+
+
+def make_real_photos(root, per_class: int = 6, size: int = 96, seed: int = 0):
+    """An ImageFolder of real photographs (scikit-image's bundled ones), JPEG, one class per photo: random crops,
+    so that RandAugment, erasing and mixing meet real image statistics (textures, edges, saturated areas)."""
+    import skimage.data
+
+    rng = np.random.default_rng(seed)
+    for name in ("chelsea", "coffee", "astronaut", "rocket"):
+        photo = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        w, h = photo.size
+        for i in range(per_class):
+            side = int(rng.integers(min(w, h) // 2, min(w, h)))
+            x0, y0 = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+            photo.crop((x0, y0, x0 + side, y0 + side)).resize((size, size), Image.BICUBIC).save(d / f"{i:03d}.jpg",
+                                                                                                quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_photos(tmp_path_factory):
+    return make_real_photos(tmp_path_factory.mktemp("photos") / "images")

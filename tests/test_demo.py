@@ -9,7 +9,7 @@ from conftest import NUM_CLASSES, TEACHER, precompute_args
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli.app import app
+from cskd_cache_cli.app import app
 from cskd_cache.scenes import make_scenes, write_scene_shards
 
 runner = CliRunner()

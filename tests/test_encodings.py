@@ -192,22 +192,63 @@ def test_topk_equals_full_when_k_is_K():
 
 
 def test_topk_lossy_fill_rule():
+    """Stored classes keep their exact probabilities (the log-sum-exp is stored); the rest of the mass is spread
+    evenly over the absent classes, whose logit never exceeds the smallest stored one."""
     torch.manual_seed(11)
     K, P, k = 100, 4, 5
-    dense = torch.randn(2, P, K)
+    dense = torch.randn(2, P, K) * 3
     enc = make_encoding("topk", K, P, topk=k, global_topk=k)
     arrays, _ = enc.encode(dense, dense.mean(1))
     assert enc.describe()["lossy"] and not enc.describe()["exact_ckf_targets"]
+    assert enc.describe()["soft_ckf"] == "approximate" and not enc.describe()["exact_soft_distillation"]
     vals = arrays["dense_value"].float()
     assert (vals[..., :-1] >= vals[..., 1:]).all()  # descending
-    glob = enc.decode_global(arrays)
     ref = dense.mean(1)
+    glob = enc.decode_global(arrays)
     top = ref.topk(k).indices
-    assert torch.equal(glob.gather(1, top), ref.gather(1, top))
+    p_ref, p_dec = ref.softmax(-1), glob.softmax(-1)
+    torch.testing.assert_close(p_dec.gather(1, top), p_ref.gather(1, top), rtol=1e-5, atol=1e-7)
     absent = torch.ones_like(ref, dtype=torch.bool).scatter_(1, top, False)
-    assert torch.equal(glob[absent].view(2, -1), ref.topk(k).values[:, -1:].expand(2, K - k))
-    assert (glob >= ref).all()  # the fill is an upper bound on the true logit
+    rest = p_dec[absent].view(2, -1)
+    assert torch.allclose(rest, rest[:, :1].expand_as(rest))  # spread evenly
+    torch.testing.assert_close(rest.sum(-1), p_ref[absent].view(2, -1).sum(-1), rtol=1e-4, atol=1e-6)
+    assert (glob[absent].view(2, -1) <= ref.topk(k).values[:, -1:]).all()
+    fused = enc.decode_fused(arrays, 0.3)
+    assert fused.shape == (2, P, K) and torch.equal(fused.argmax(-1), enc.decode_targets(arrays, 0.3))
     assert torch.equal(enc.decode_targets(arrays, 1.0), dense.half().argmax(-1))  # the argmax is always stored
+
+
+@pytest.mark.parametrize("name", ["ckf", "topk"])
+def test_soft_distillation_target_is_not_distorted(name):
+    """The reproduced failure: a confident teacher (top-1 probability 0.48 over 1000 classes) decoded from the
+    global top-10 used to give that class about 0.04 (absent classes all took the 10th logit)."""
+    K, P = 1000, 4
+    g = torch.full((1, K), -2.0)
+    g[0, 7] = 4.95
+    g[0, 100:109] = torch.linspace(1.0, 0.5, 9)
+    p = g.softmax(-1)
+    assert 0.45 < float(p[0, 7]) < 0.5
+    enc = make_encoding(name, K, P, global_topk=10)
+    arrays, _ = enc.encode(g[:, None, :].expand(1, P, K), g)
+    got = enc.decode_global(arrays).softmax(-1)
+    assert abs(float(got[0, 7]) - float(p[0, 7])) < 1e-5
+    assert float((got - p).abs().sum()) < 1e-3  # total variation: the even spread is close to the true tail
+    legacy = type(enc)(K, P, **enc.params, lse=False)  # format-1 caches: the old fill rule, refused nothing
+    assert "global_lse" not in legacy.arrays()
+    old = legacy.decode_global({k: v for k, v in arrays.items() if k != "global_lse"}).softmax(-1)
+    assert float(old[0, 7]) < 0.1  # what the old rule did
+
+
+def test_soft_ckf_needs_dense_logits():
+    K, P = 20, 4
+    dense = torch.randn(2, P, K)
+    full, ckf = make_encoding("full", K, P), make_encoding("ckf", K, P)
+    fa, _ = full.encode(dense, dense.mean(1))
+    assert torch.equal(full.decode_fused(fa, 0.25), fuse(fa["dense"], fa["global"][:, None, :], 0.25))
+    ca, _ = ckf.encode(dense, dense.mean(1))
+    assert ckf.describe()["soft_ckf"] == "none" and full.describe()["soft_ckf"] == "exact"
+    with pytest.raises(ValueError, match="soft CKF"):
+        ckf.decode_fused(ca, 0.5)
 
 
 def test_global_argmax_ties():

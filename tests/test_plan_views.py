@@ -102,3 +102,55 @@ def test_recipe_round_trip_and_defaults():
     assert d["interpolation"] == "bicubic" and d["color_jitter"] == 0.3 and d["label_smoothing"] == 0.1
     assert set(d["library_versions"]) >= {"torch", "timm", "torchvision", "pillow", "numpy"}
     assert Recipe.from_dict({k: v for k, v in d.items() if k != "library_versions"}) == r
+
+
+@pytest.mark.parametrize("n", [90, 300, 1001])
+def test_repeats_get_their_own_partners(n):
+    """The reproduced bug: with --repeats 3 all three repeats of most samples were mixed with one partner."""
+    e = make_epoch_plan(PlanParams(num_samples=n, epochs=1, seed=4, repeats=3), 0)
+    partners: dict[int, list[int]] = {}
+    for a, b in zip(e.sample[0::2].tolist(), e.sample[1::2].tolist()):
+        partners.setdefault(a, []).append(b)
+        partners.setdefault(b, []).append(a)
+    shared = sum(len(p) - len(set(p)) for p in partners.values())
+    assert shared <= 2, shared  # at most the group that straddles the two halves
+    assert (e.sample[0::2] != e.sample[1::2]).all()
+    spread = [s for s in partners if np.ptp(e.positions_of(s)) > 24]
+    assert sum(len(e.positions_of(s)) != 3 for s in partners) <= 1  # the epoch may cut the last group short
+    # repeats stay close together (the same batch) on both sides of the pairs, but for the r - 1 groups whose
+    # partner rotation wraps around the epoch and the one that straddles the rotation's end
+    assert len(spread) <= 3, spread
+
+
+def test_repeats_one_plan_is_unchanged():
+    """Without repeats the plan is what format-1 caches hold: pairing k with k (no partner reordering)."""
+    from cskd_cache.plan import _partner_order
+
+    assert np.array_equal(_partner_order(51, 1), np.arange(51))
+    e = make_epoch_plan(PlanParams(num_samples=40, epochs=1, seed=0), 0)
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([0, 0])))
+    perm = rng.permutation(40)
+    assert np.array_equal(e.sample[0::2], perm[:20]) and np.array_equal(e.sample[1::2], perm[20:])
+
+
+def test_epoch_order_reaches_every_view_and_cycles_differ():
+    """A cache cycled over training: cycle 0 is plan order; later cycles visit chunk-sized blocks of pairs in a
+    new order, so the dropped tail differs and batches are not the previous cycle's."""
+    from cskd_cache.order import epoch_views, reuse_factor
+
+    vpe, gb, block = 100, 16, 8
+    steps = vpe // gb  # 6 steps: 4 views of each epoch are dropped
+    cycles = [epoch_views(e, 1, vpe, gb, steps, block, seed=0) for e in range(6)]
+    assert np.array_equal(cycles[0], np.arange(96))
+    for v in cycles:
+        assert len(v) == 96 and len(set(v.tolist())) == 96 and (v[0::2] % 2 == 0).all() and (v[1::2] == v[0::2] + 1).all()
+    assert set(np.concatenate(cycles).tolist()) == set(range(100))  # the tail is not the same every cycle
+    b0 = {frozenset(cycles[0][s * gb:(s + 1) * gb].tolist()) for s in range(steps)}
+    b1 = {frozenset(cycles[1][s * gb:(s + 1) * gb].tolist()) for s in range(steps)}
+    assert not b0 & b1
+    # two cached epochs: epochs 0 and 1 read cached epochs 0 and 1 in plan order, epoch 2 cycles cached epoch 0
+    assert np.array_equal(epoch_views(1, 2, vpe, gb, steps, block, 0), 100 + np.arange(96))
+    e2 = epoch_views(2, 2, vpe, gb, steps, block, 0)
+    assert e2.min() >= 0 and e2.max() < 100 and not np.array_equal(e2, np.arange(96))
+    assert np.array_equal(e2, epoch_views(2, 2, vpe, gb, steps, block, 0))  # a pure function: resumes are exact
+    assert reuse_factor(300, 30) == 10.0

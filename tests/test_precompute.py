@@ -15,12 +15,11 @@ import zarr
 from conftest import NUM_CLASSES, make_images, precompute_args
 from typer.testing import CliRunner
 
-from cli.app import app  # noqa: F401  (the repo checkout's cli/ is the installed cskd_cache_cli)
+from cskd_cache_cli.app import app
 from cskd_cache.data import open_source
 from cskd_cache.store import Cache
 from cskd_cache.teacher import create_teacher
 from cskd_cache.views import PairDataset, pair_items
-from cskd_cache.precompute import cache_recipe
 
 runner = CliRunner()
 
@@ -78,8 +77,8 @@ def test_cached_targets_are_the_teachers_on_the_replayed_views(tmp_path, image_f
     assert run_cli(*precompute_args(image_folder, out, teacher_checkpoint, "--encoding", "full"))[0] == 0
     cache = Cache.open(str(out))
     teacher, _ = create_teacher("test_resnet", checkpoint=str(teacher_checkpoint))
-    ds = PairDataset(open_source(str(image_folder)), cache_recipe(cache))
-    items = pair_items(cache.epoch_plan, 6, 10, cache.views_per_epoch)
+    ds = PairDataset(open_source(str(image_folder)), cache.recipe)
+    items = pair_items(cache.epoch_plan, np.arange(6, 10), cache.views_per_epoch)
     x = torch.cat([ds[it]["image"] for it in items])
     dense, glob = teacher(x)
     arrays, spill = cache.read_views(6, 10)
@@ -225,7 +224,8 @@ def test_bad_input_gets_one_line_errors(tmp_path, image_folder, teacher_checkpoi
 def test_corrupt_image_fails_naming_it_or_is_skipped(tmp_path, image_folder, teacher_checkpoint):
     bad = image_folder / "class_2" / "img_003.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    code, text = run_cli(*precompute_args(image_folder, tmp_path / "a.zarr", teacher_checkpoint))
+    # --repeats 1: every image is drawn in every epoch (with DeiT's 3 repeats, a third of them are)
+    code, text = run_cli(*precompute_args(image_folder, tmp_path / "a.zarr", teacher_checkpoint, "--repeats", "1"))
     assert code == 2 and "class_2/img_003.png" in text and "--skip-bad" in text
     assert not Cache.open(str(tmp_path / "a.zarr")).complete  # never looks whole
     code, text = run_cli(*precompute_args(image_folder, tmp_path / "b.zarr", teacher_checkpoint, "--skip-bad"))
@@ -284,3 +284,98 @@ def test_remote_store_is_readable(tmp_path, image_folder, teacher_checkpoint):
     assert code == 0, text
     remote = Cache.open("memory://remote/c.zarr")
     assert remote.complete and np.array_equal(remote.read_fingerprints(0, 24), Cache.open(str(out)).read_fingerprints(0, 24))
+
+
+def test_crash_while_writing_the_plan_never_gives_a_usable_cache(tmp_path, image_folder, teacher_checkpoint,
+                                                                 monkeypatch):
+    """The reproduced bug: a crash while the plan epochs were written left a cache that resumed to 'complete'
+    with all-zero plans. Now the cache says 'creating' until its plan is whole, and the next run starts over."""
+    from cskd_cache import store
+
+    real, calls = store.write_epoch_plan, {"n": 0}
+
+    def crashing(group, epoch, plan):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # what Ctrl-C (or a kill) does between two epochs of the plan
+        return real(group, epoch, plan)
+
+    monkeypatch.setattr(store, "write_epoch_plan", crashing)
+    out = tmp_path / "c.zarr"
+    args = precompute_args(image_folder, out, teacher_checkpoint, "--epochs", "3")
+    code, text = run_cli(*args)
+    assert code == 130 and "resume" in text
+    assert store.read_manifest(str(out))["status"] == "creating"
+    code, text = run_cli("inspect", out)
+    assert code == 2 and "never fully created" in text
+    monkeypatch.setattr(store, "write_epoch_plan", real)
+    assert run_cli(*args)[0] == 0
+    assert run_cli(*precompute_args(image_folder, tmp_path / "ref.zarr", teacher_checkpoint, "--epochs", "3"))[0] == 0
+    assert_same_cache(out, tmp_path / "ref.zarr")
+
+
+def test_a_damaged_plan_is_found_repaired_and_refused(tmp_path, image_folder, teacher_checkpoint):
+    out = tmp_path / "c.zarr"
+    args = precompute_args(image_folder, out, teacher_checkpoint, "--epochs", "2")
+    assert run_cli(*args, "--max-shards", "4")[0] == 0  # epoch 0 written, epoch 1 not yet
+    group = zarr.open_group(str(out), mode="r+")
+    group["plan/sample"][1] = 0  # what an interrupted plan write of the old format left
+    group["plan/lam"][0] = 0  # and a plan whose shards were already written from it
+    code, text = run_cli("verify", out)
+    assert code == 2 and "plan of epochs [0, 1]" in text
+    code, text = run_cli(*args)
+    assert code == 0 and "plan of epochs [0, 1]" in text and "rewritten" in text, text
+    assert run_cli(*precompute_args(image_folder, tmp_path / "ref.zarr", teacher_checkpoint, "--epochs", "2"))[0] == 0
+    assert_same_cache(out, tmp_path / "ref.zarr")  # the shards of the damaged epochs were computed again
+    group = zarr.open_group(str(out), mode="r+")
+    group["plan/seed"][1, 3] += 1
+    code, text = run_cli("train", "--student", "deit_tiny_distilled_patch16_224", "--data", image_folder,
+                         "--cache", out, "--out", tmp_path / "run", "--epochs", "2", "--batch-size", "8",
+                         "--workers", "0", "--max-steps", "1")
+    assert code == 2 and "plan of epoch 1 does not match" in text, text
+
+
+def test_a_batch_may_span_several_epochs(tmp_path, image_folder, teacher_checkpoint):
+    """24 images, batches of 64 views, 3 epochs: one batch crosses two epoch boundaries (an IndexError before)."""
+    out = tmp_path / "c.zarr"
+    code, text = run_cli(*precompute_args(image_folder, out, teacher_checkpoint, "--epochs", "3", "--batch-size",
+                                          "64", "--chunk-views", "8", "--shard-views", "72"))
+    assert code == 0, text
+    assert run_cli("verify", out, "--replay", "36", "--data", image_folder)[0] == 0
+
+
+def test_manifest_records_normalisation_precision_and_defaults(tmp_path, image_folder, teacher_checkpoint):
+    out = tmp_path / "c.zarr"
+    assert run_cli(*precompute_args(image_folder, out, teacher_checkpoint))[0] == 0
+    m = Cache.open(str(out)).manifest
+    assert m["teacher"]["mean"] == [0.5] * 3 and m["teacher"]["std"] == [0.5] * 3  # test_resnet's own config
+    assert m["recipe"]["mean"] == [0.485, 0.456, 0.406]  # how the views themselves are normalised
+    assert m["teacher"]["precision"] == "fp32" and m["plan"]["repeats"] == 3  # CPU; DeiT's repeats
+    code, text = run_cli("inspect", out)
+    assert "exact: hard CKF targets, hard distillation" in text and "lossy" not in text
+    r = runner.invoke(app, ["precompute", "--help"])
+    flat = "".join(ch for ch in r.output if ch.isalnum() or ch == ".")  # rich wraps help text in boxes
+    assert "freshviewseveryepoch" in flat and "1.1GBperepochofImageNet" in flat
+
+
+def test_unknown_recipe_fields_and_benign_changes(tmp_path, image_folder, teacher_checkpoint):
+    """One recipe reader for precompute, verify and train: a field this version cannot replay is refused;
+    library versions and the data's location are not part of a cache's identity."""
+    out = tmp_path / "c.zarr"
+    args = precompute_args(image_folder, out, teacher_checkpoint)
+    assert run_cli(*args, "--max-shards", "1")[0] == 0
+    group = zarr.open_group(str(out), mode="r+")
+    m = dict(group.attrs["cskd_cache"])
+    m["recipe"] = dict(m["recipe"], library_versions=dict(m["recipe"]["library_versions"], pillow="13.0.1"))
+    group.attrs["cskd_cache"] = m
+    moved = tmp_path / "moved"
+    image_folder.rename(moved)
+    code, text = run_cli(*precompute_args(moved, out, teacher_checkpoint))  # resumes: same identity
+    assert code == 0 and "complete" in text, text
+    group = zarr.open_group(str(out), mode="r+")
+    group.attrs["cskd_cache"] = dict(group.attrs["cskd_cache"], recipe=dict(m["recipe"], gridmask=0.5))
+    for cmd in (["verify", out, "--replay", "2", "--data", moved],
+                ["train", "--student", "deit_tiny_distilled_patch16_224", "--data", moved, "--cache", out, "--out",
+                 tmp_path / "r", "--workers", "0"]):
+        code, text = run_cli(*cmd)
+        assert code == 2 and "gridmask" in text and "upgrade cskd-cache" in text, text

@@ -12,7 +12,8 @@ from cskd_cache.teacher import DenseTeacher, create_teacher
 def test_dense_is_classifier_at_every_position_and_global_is_model_output():
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=5).eval()
-    t = DenseTeacher(model)
+    t = DenseTeacher(model, view_mean=(0.5,) * 3, view_std=(0.5,) * 3)  # views normalised as the model wants
+    assert t.renorm.identity
     x = torch.randn(3, 3, 64, 64)
     dense, glob = t(x)
     feats = model.forward_features(x)
@@ -80,3 +81,48 @@ def test_regnety_160_alias_is_deits_teacher(monkeypatch):
     with pytest.raises(CacheError):
         create_teacher("regnety_160", pretrained=True)
     assert seen["name"] == "regnety_160.deit_in1k"
+
+
+def test_each_model_sees_views_normalised_with_its_own_config():
+    """Views are normalised with the recipe's mean/std (ImageNet's for DeiT); test_resnet's pretrained config says
+    0.5/0.5: the teacher must see exactly the pixels a 0.5/0.5 transform gives, the student its own."""
+    from PIL import Image
+
+    from cskd_cache.student import create_student
+    from cskd_cache.views import Recipe, augment, build_transform
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3).eval()
+    assert tuple(model.pretrained_cfg["mean"]) == (0.5, 0.5, 0.5)
+    img = Image.fromarray((torch.rand(48, 48, 3) * 255).byte().numpy())
+    imagenet, half = Recipe(input_size=64), Recipe(input_size=64, mean=(0.5,) * 3, std=(0.5,) * 3)
+    x_view = torch.stack([augment(build_transform(imagenet), img, s) for s in (1, 2)])
+    x_own = torch.stack([augment(build_transform(half), img, s) for s in (1, 2)])
+    t = DenseTeacher(model, view_mean=imagenet.mean, view_std=imagenet.std)
+    assert not t.renorm.identity
+    torch.testing.assert_close(t.renorm(x_view), x_own, atol=1e-5, rtol=0)  # erasing noise included
+    want = model(x_own)
+    torch.testing.assert_close(t(x_view)[1], want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(DenseTeacher(model, view_mean=(0.5,) * 3, view_std=(0.5,) * 3)(x_view)[1], want,
+                              atol=1e-3)  # fed unconverted, it would see other inputs
+    s = create_student("deit_tiny_distilled_patch16_224", 3, 64, (2, 2), view_mean=(0.5,) * 3, view_std=(0.5,) * 3)
+    assert not s.renorm.identity  # DeiT's config is ImageNet's
+    torch.testing.assert_close(s.renorm(x_own), x_view, atol=1e-5, rtol=0)
+
+
+def test_precision_is_a_choice_and_recorded(tmp_path, teacher_checkpoint):
+    from cskd_cache.teacher import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision(None, torch.device("cuda")) == "fp16"  # the official code's teacher autocast
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(CacheError, match="--teacher-precision"):
+        resolve_precision("int8", torch.device("cpu"))
+    t32, info = create_teacher("test_resnet", checkpoint=str(teacher_checkpoint))
+    tb, info_b = create_teacher("test_resnet", checkpoint=str(teacher_checkpoint), precision="bf16")
+    assert info["precision"] == "fp32" and info_b["precision"] == "bf16"
+    x = torch.randn(2, 3, 64, 64)
+    d32, _ = t32(x)
+    db, gb = tb(x)
+    assert db.dtype == gb.dtype == torch.float32  # outputs are fp32 whatever the forward ran in
+    assert not torch.equal(d32, db) and torch.allclose(d32, db, atol=0.1)

@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import precompute_args
 from typer.testing import CliRunner
 
-from cli.app import app
+from cskd_cache_cli.app import app
 
 runner = CliRunner()
 STUDENT = "deit_tiny_distilled_patch16_224"  # at 64 px: a 4x4 patch grid, pooled to the teacher's 2x2
@@ -148,3 +148,100 @@ def test_torchrun_two_processes_train_like_one(tmp_path, image_folder, cache):
     ra, rb = a["history"][-1], b["history"][-1]
     assert ra["top1"] == rb["top1"] and ra["top5"] == rb["top5"]  # the two ranks' val shares summed
     assert abs(ra["train_total"] - rb["train_total"]) < 1e-4  # losses over both ranks' views
+
+
+def test_weight_decay_spares_pos_embed_and_tokens(tmp_path, image_folder):
+    """DeiT and the official code do not decay pos_embed, cls_token and dist_token (nor biases and norms)."""
+    from cskd_cache.distributed import Dist
+    from cskd_cache.train import TrainConfig, setup
+
+    run = setup(TrainConfig(student=STUDENT, data=str(image_folder), out=str(tmp_path / "r"), teacher_source="none",
+                            input_size=64, epochs=1, batch_size=8, workers=0), Dist())
+    names = {id(p): n for n, p in run.student.named_parameters()}
+    decayed = {names[id(p)] for g in run.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    spared = {names[id(p)] for g in run.optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert {"model.pos_embed", "model.cls_token", "model.dist_token"} <= spared
+    assert "model.blocks.0.attn.qkv.weight" in decayed and "model.head_dist.weight" in decayed
+    assert not any(n.endswith(".bias") or ".norm" in n for n in decayed)
+
+
+def test_ema_is_the_same_on_every_rank(tmp_path, image_folder, cache):
+    """Under torchrun, every rank must hold the same EMA (it was built from each rank's own init before DDP
+    broadcast rank 0's weights, so ema_top1 mixed models)."""
+    cfg = dict(student=STUDENT, data=str(image_folder), out=str(tmp_path / "ddp"), cache=str(cache), epochs=1,
+               batch_size=4, workers=0, warmup_epochs=0, max_steps=2, ema_decay=0.5, seed=3)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    probe = os.path.join(os.path.dirname(__file__), "ddp_probe.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29521", probe,
+           json.dumps(cfg)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    digests = [(tmp_path / "ddp" / f"ema-rank{i}.txt").read_text() for i in (0, 1)]
+    assert digests[0] == digests[1]
+
+
+def test_resume_refuses_another_cache(tmp_path, image_folder, teacher_checkpoint, cache):
+    other = tmp_path / "other.zarr"
+    assert run_cli(*precompute_args(image_folder, other, teacher_checkpoint, "--epochs", "1", "--seed", "5"))[0] == 0
+    out = tmp_path / "run"
+    assert run_cli(*train_args(image_folder, out, "--cache", cache, "--stop-after", "1"))[0] == 0
+    code, text = run_cli(*train_args(image_folder, out, "--cache", other, "--resume"))
+    assert code == 2 and "another plan" in text and "--resume" in text, text
+    code, text = run_cli(*train_args(image_folder, out, "--cache", cache))  # a run is never overwritten silently
+    assert code == 2 and "already holds a run" in text and "--resume" in text
+    code, text = run_cli(*train_args(image_folder, out, "--cache", cache, "--resume"))
+    assert code == 0, text
+
+
+def test_cycled_cache_reports_reuse_and_best_top1(tmp_path, image_folder, cache):
+    """1 cached epoch, 3 training epochs: metrics say which cached epoch and cycle each epoch read, the reuse
+    factor is printed and recorded, and the paper's figure (best top-1 of the raw model) is reported."""
+    out = tmp_path / "run"
+    code, text = run_cli(*train_args(image_folder, out, "--cache", cache, "--epochs", "3", "--val-data", image_folder))
+    assert code == 0, text
+    assert "each view used 3 times" in text and "best top-1" in text and "raw model" in text
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [(r["cached_epoch"], r["cycle"], r["reuse_factor"]) for r in rows] == [(0, 0, 3.0), (0, 1, 3.0), (0, 2, 3.0)]
+    assert [r["best_top1"] for r in rows] == [max(r["top1"] for r in rows[:i + 1]) for i in range(3)]
+
+
+def test_soft_ckf_loss_where_the_encoding_allows_it(tmp_path, image_folder, teacher_checkpoint, cache):
+    code, text = run_cli(*train_args(image_folder, tmp_path / "a", "--cache", cache, "--cskd-loss", "soft"))
+    assert code == 2 and "--cskd-loss soft" in text and "--encoding full" in text
+    full = tmp_path / "full.zarr"
+    assert run_cli(*precompute_args(image_folder, full, teacher_checkpoint, "--encoding", "full"))[0] == 0
+    code, text = run_cli(*train_args(image_folder, tmp_path / "b", "--cache", full, "--cskd-loss", "soft",
+                                     "--distill", "soft"))
+    assert code == 0, text
+    assert "approximation" not in text  # full is exact
+    code, text = run_cli(*train_args(image_folder, tmp_path / "c", "--cache", cache, "--distill", "soft"))
+    assert code == 0 and "approximation" not in text, text  # 4 classes: the global top-10 holds them all
+    top2 = tmp_path / "top2.zarr"
+    assert run_cli(*precompute_args(image_folder, top2, teacher_checkpoint, "--global-topk", "2"))[0] == 0
+    code, text = run_cli(*train_args(image_folder, tmp_path / "c2", "--cache", top2, "--distill", "soft"))
+    assert code == 0 and "soft distillation from a ckf cache" in text and "approximation" in text, text
+    # online soft CKF runs the teacher and fuses exactly, whatever the cache's encoding
+    code, text = run_cli(*train_args(image_folder, tmp_path / "d", "--cache", cache, "--cskd-loss", "soft",
+                                     "--teacher-source", "online", "--teacher-checkpoint", teacher_checkpoint))
+    assert code == 0, text
+    rows = [json.loads(line) for line in open(tmp_path / "d" / "metrics.jsonl")]
+    assert rows[0]["train_cskd"] > 0
+
+
+@pytest.mark.parametrize("encoding", ["ckf", "topk"])
+def test_format_1_caches_stay_readable(tmp_path, encoding):
+    """Caches written by cskd-cache 0.1 (format 1: no log-sum-exps, repeats 1) are inspected, verified and
+    trained from; absent classes decode by the old rule."""
+    from conftest import make_images
+
+    from cskd_cache.store import Cache
+
+    images = make_images(tmp_path / "images", per_class=4)  # the images the stored cache was made from
+    path = os.path.join(os.path.dirname(__file__), "data", f"format1-{encoding}.zarr")
+    cache = Cache.open(path)
+    assert cache.manifest["format_version"] == 1 and not cache.encoding.lse
+    assert "global_lse" not in cache.encoding.arrays()
+    code, text = run_cli("verify", path, "--replay", "4", "--data", images)
+    assert code == 0 and "8 replayed views match" in text, text
+    code, text = run_cli(*train_args(images, tmp_path / "run", "--cache", path, "--distill", "soft"))
+    assert code == 0, text

@@ -1,0 +1,78 @@
+"""The training data path: replayed mixing pairs, with the teacher's cached outputs read where they are replayed.
+
+Each DataLoader worker replays a batch's pairs and reads that batch's teacher outputs from the cache (a few
+contiguous runs of whole chunks), so the training step never waits on storage. Workers open the cache themselves,
+lazily, once per process: no zarr or fsspec handle crosses a fork. Every replayed view's pixel fingerprint is
+compared with the one stored when the teacher saw it; a mismatch stops training (the cached outputs would belong
+to other pixels). Errors travel as data: DataLoader cannot re-raise exceptions that take custom arguments.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from .store import Cache, to_torch
+from .views import PairDataset, collate_pairs, pair_items
+
+
+class CachedOutputs:
+    """collate_fn: pairs -> one batch, plus the cache's encoded outputs for its views (key 'teacher', and
+    'spill' for ckf positions past the width). Picklable: it carries the URL, not an open cache."""
+
+    def __init__(self, url: str | None):
+        self.url, self._cache, self._pid = url, None, None
+
+    def cache(self) -> Cache:
+        if self._pid != os.getpid():
+            self._cache, self._pid = Cache.open(self.url), os.getpid()
+        return self._cache
+
+    def __getstate__(self) -> dict:
+        return {"url": self.url, "_cache": None, "_pid": None}
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = collate_pairs(items)
+        if "error" in batch:
+            return {"error": f"--data: {batch['error']}"}
+        if self.url is None:
+            return batch
+        cache = self.cache()
+        views = batch["view"].numpy()
+        arrays, stored, spill = cache.gather(views)
+        got = batch["fingerprint"].numpy()
+        if not np.array_equal(stored, got):
+            bad = int(views[np.flatnonzero(stored != got)[0]])
+            return {"error": f"replay drift at view {bad}: the augmented pixels differ from those the teacher saw "
+                             "(augmentation code, library versions or images changed since the cache was made; "
+                             f"it recorded {cache.manifest['recipe'].get('library_versions')})"}
+        batch["teacher"] = to_torch(arrays)
+        if spill is not None:
+            batch["spill"] = to_torch(spill)
+        return batch
+
+
+class RankBatches:
+    """Batch sampler of one rank for one epoch: step s takes views[s * batch * world + rank * batch, +batch).
+    Plan entries are looked up as the loader asks for them, not held for the whole epoch."""
+
+    def __init__(self, plan, views: np.ndarray, views_per_epoch: int, batch: int, rank: int = 0, world: int = 1):
+        self.plan, self.views, self.vpe = plan, views, views_per_epoch
+        self.batch, self.rank, self.gb = batch, rank, batch * world
+
+    def __len__(self) -> int:
+        return len(self.views) // self.gb
+
+    def __iter__(self):
+        for s in range(len(self)):
+            a = s * self.gb + self.rank * self.batch
+            yield pair_items(self.plan, self.views[a: a + self.batch], self.vpe)
+
+
+def epoch_loader(dataset: PairDataset, batches: RankBatches, cache_url: str | None, workers: int,
+                 pin_memory: bool) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                       collate_fn=CachedOutputs(cache_url), pin_memory=pin_memory,
+                                       prefetch_factor=4 if workers else None)

@@ -1,0 +1,37 @@
+"""Which cached views each training epoch visits, and in what order.
+
+A cache holds E augmented epochs (the plan); a run trains T epochs. Training epoch e reads cached epoch e % E.
+The first pass over the cache (cycle 0) visits every cached epoch in plan order, exactly as the plan was made
+(and as the official code would see fresh views). When T > E the cache is cycled, and a later cycle must not
+replay the previous cycle's batches or drop the same tail again: each cycle visits the epoch's views in a new
+order of chunk-sized blocks of pairs (reads stay sequential within a block, pairs stay together), so the views
+cut off by the last partial batch differ from cycle to cycle and every view is reachable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def epoch_views(epoch: int, plan_epochs: int, views_per_epoch: int, global_batch: int, steps: int, block: int,
+                seed: int) -> np.ndarray:
+    """Global view indices (epoch * views_per_epoch + position) of training epoch `epoch`, in step order:
+    step s of rank r takes entries [s * global_batch + r * batch, ... + batch). Length steps * global_batch."""
+    if block < 2 or block % 2 or views_per_epoch % 2 or global_batch % 2:
+        raise ValueError("blocks, epochs and batches hold whole mixing pairs (even sizes)")
+    if steps * global_batch > views_per_epoch:
+        raise ValueError(f"{steps} steps of {global_batch} views exceed the {views_per_epoch} views of an epoch")
+    cycle, cached = divmod(epoch, plan_epochs)
+    first = cached * views_per_epoch
+    n = steps * global_batch
+    if cycle == 0:
+        return first + np.arange(n, dtype=np.int64)
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, cached, cycle, 0xC5D])))
+    starts = np.arange(0, views_per_epoch, block, dtype=np.int64)
+    blocks = [np.arange(a, min(a + block, views_per_epoch), dtype=np.int64) for a in starts[rng.permutation(len(starts))]]
+    return first + np.concatenate(blocks)[:n]
+
+
+def reuse_factor(train_epochs: int, plan_epochs: int) -> float:
+    """How many times each cached view is used (training epochs / cached epochs); 1.0 is the official condition."""
+    return train_epochs / plan_epochs
