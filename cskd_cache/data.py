@@ -33,9 +33,31 @@ _URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _HINT = "give an ImageFolder directory or WebDataset .tar shards"
 
 
+def key_bytes(key: str) -> bytes:
+    """A sample key as bytes. Keys are file names, which need not be UTF-8 (a Latin-1 `caf\xe9.png` reads as
+    'caf\udce9.png' in Python): surrogateescape gives the original bytes back, and plain UTF-8 for the rest."""
+    return key.encode("utf-8", "surrogateescape")
+
+
+def key_str(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode PIL decodes: L, P, RGBA, CMYK, ... by PIL's own conversion; 16-bit grayscale by its
+    top 8 bits (PIL's convert would clip every value above 255 to white). 32-bit 'I' images are read as 16-bit
+    when they hold values above 255, else as 8-bit."""
+    if img.mode.startswith("I;16") or (img.mode == "I" and np.asarray(img).max() > 255):
+        img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8))
+    elif img.mode in ("I", "F"):
+        img = Image.fromarray(np.asarray(img).clip(0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
 class ImageSource:
     """Base class: subclasses fill keys/labels/classes and implement read_bytes and _take."""
 
+    flag = "--data"  # the command-line flag the source came from, for error messages
     kind: str
     location: str
     keys: list[str]
@@ -55,9 +77,9 @@ class ImageSource:
     def load(self, i: int) -> Image.Image:
         data = self.read_bytes(i)  # I/O errors stay DataErrors: a flaky disk is not a bad image
         try:
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data))  # PIL refuses decompression bombs here (DecompressionBombError)
             img.load()  # decode now: PIL is lazy and would otherwise fail later, far from the key
-            return img.convert("RGB")
+            return to_rgb(img)
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
             raise BadImageError(self.keys[i], f"{type(e).__name__}: {e}") from e
 
@@ -67,7 +89,7 @@ class ImageSource:
         order, json.dumps with ensure_ascii=False and separators=(",", ":")."""
         if self._fingerprint is None:
             h = hashlib.sha256()
-            dump = lambda x: (json.dumps(x, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+            dump = lambda x: key_bytes(json.dumps(x, ensure_ascii=False, separators=(",", ":")) + "\n")
             h.update(dump(list(self.classes)))
             for k, y in zip(self.keys, self.labels):
                 h.update(dump([k, int(y)]))
@@ -124,7 +146,7 @@ class ImageFolderSource(ImageSource):
             with open(path, "rb") as f:
                 return f.read()
         except OSError as e:
-            raise DataError(f"--data: cannot read {path}: {e.strerror or e}; check the dataset directory") from e
+            raise DataError(f"{self.flag}: cannot read {path!r}: {e.strerror or e}; check the dataset directory") from e
 
 
 def expand_shards(spec: str | list[str]) -> list[str]:
@@ -162,10 +184,18 @@ def _index_shard(shard: str) -> list[tuple[str, int, int, bytes]]:
     """Scan tar headers only; returns (key, image offset, image size, label bytes) per sample."""
     try:
         f = fsspec.open(shard, "rb").open() if _URL_RE.match(shard) else open(shard, "rb")
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-        raise DataError(f"--data: no such file or directory: {shard}; {_HINT}") from e
-    except OSError as e:
-        raise DataError(f"--data: cannot open {shard}: {e}; {_HINT}") from e
+    except ImportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - local OSErrors, and whatever a remote filesystem raises
+        if _URL_RE.match(shard) and isinstance(e, FileNotFoundError):  # fsspec's http says so for refusals too
+            raise DataError(f"--data: no such file or directory: {shard} (or its server does not answer); check "
+                            "the URL") from None
+        if _URL_RE.match(shard):
+            raise DataError(f"--data: cannot fetch {shard} ({type(e).__name__}: {str(e)[:160]}); check the URL and "
+                            "that the server answers") from None
+        if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+            raise DataError(f"--data: no such file or directory: {shard}; {_HINT}") from None
+        raise DataError(f"--data: cannot open {shard}: {e}; {_HINT}") from None
     samples: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
     seen: set[str] = set()
     try:
@@ -269,9 +299,11 @@ class WebDatasetSource(ImageSource):
                     h.seek(off)
                     data = h.read(size)
         except OSError as e:
-            raise DataError(f"--data: cannot read {self.keys[i]!r} from {self.shards[si]}: {e}; check the shard") from e
+            raise DataError(f"{self.flag}: cannot read {self.keys[i]!r} from {self.shards[si]}: {e}; "
+                            "check the shard") from e
         if len(data) != size:
-            raise DataError(f"--data: shard {self.shards[si]} is shorter than its index; was it rewritten? reopen it")
+            raise DataError(f"{self.flag}: shard {self.shards[si]} is shorter than its index; was it rewritten? "
+                            "reopen it")
         return data
 
     def _take(self, new: ImageSource, ids: np.ndarray) -> None:
@@ -314,15 +346,26 @@ class LabeledImages(torch.utils.data.Dataset):
         return self.transform(self.source.load(self.ids[i])), self.source.labels[self.ids[i]]
 
 
-def open_source(spec: str | list[str]) -> ImageSource:
-    """An ImageFolder directory, or WebDataset shards (paths/URLs, brace patterns, space/'::'-separated)."""
-    if isinstance(spec, (list, tuple)):
-        spec = list(spec)[0] if len(spec) == 1 else list(spec)
-    if not spec or (isinstance(spec, str) and not spec.strip()):
-        raise DataError(f"--data: no dataset given; {_HINT}")
-    if isinstance(spec, str) and os.path.isdir(os.path.expanduser(spec)):
-        return ImageFolderSource(spec)
-    return WebDatasetSource(spec)
+def open_source(spec: str | list[str], flag: str = "--data") -> ImageSource:
+    """An ImageFolder directory, or WebDataset shards (paths/URLs, brace patterns, space/'::'-separated).
+    `flag` names the option the spec came from in every error message (--data, --val-data, ...)."""
+    try:
+        if isinstance(spec, (list, tuple)):
+            spec = list(spec)[0] if len(spec) == 1 else list(spec)
+        if not spec or (isinstance(spec, str) and not spec.strip()):
+            raise DataError(f"--data: no dataset given; {_HINT}")
+        if isinstance(spec, str) and os.path.isdir(os.path.expanduser(spec)):
+            source = ImageFolderSource(spec)
+        else:
+            source = WebDatasetSource(spec)
+    except DataError as e:
+        msg = str(e)
+        raise DataError(flag + msg[len("--data"):] if msg.startswith("--data") else msg) from None
+    except ImportError as e:  # fsspec's protocol extras (s3fs, gcsfs, aiohttp, ...) missing
+        raise DataError(f"{flag}: {spec!r} needs a package that is not installed ({str(e).splitlines()[0][:200]})") \
+            from None
+    source.flag = flag
+    return source
 
 
 def find_bad_images(source: ImageSource, workers: int = 0) -> list[int]:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import CacheError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -20,12 +22,23 @@ class Dist:
         return self.rank == 0
 
     def barrier(self) -> None:
-        if self.world > 1:
+        # no process group: ranks run as independent jobs (e.g. one per machine), nothing to wait for
+        if self.world > 1 and dist.is_initialized():
             dist.barrier()
 
     def device(self, requested: str | None = None) -> torch.device:
         if requested:
-            return torch.device(requested)
+            try:
+                dev = torch.device(requested)
+            except RuntimeError:
+                raise CacheError(f"--device {requested!r}: not a device (cpu, cuda, cuda:1, mps, ...)") from None
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise CacheError(f"--device {requested}: no CUDA GPU is available here; use --device cpu")
+            if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise CacheError(f"--device {requested}: only {torch.cuda.device_count()} GPU(s) here")
+            if dev.type == "mps" and not torch.backends.mps.is_available():
+                raise CacheError(f"--device {requested}: MPS is not available here; use --device cpu")
+            return dev
         if torch.cuda.is_available():
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")

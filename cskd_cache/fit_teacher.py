@@ -99,7 +99,8 @@ def fit_teacher(cfg: FitTeacherConfig) -> dict:
                                          generator=torch.Generator().manual_seed(cfg.seed))
     val = None
     if cfg.val_data:
-        val = torch.utils.data.DataLoader(LabeledImages(open_source(cfg.val_data), eval_tf), batch_size=cfg.batch_size,
+        val_source = open_source(cfg.val_data, flag="--val-data")
+        val = torch.utils.data.DataLoader(LabeledImages(val_source, eval_tf), batch_size=cfg.batch_size,
                                           num_workers=cfg.workers)
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs, warmup_t=cfg.warmup_epochs, warmup_lr_init=1e-6)
@@ -107,8 +108,12 @@ def fit_teacher(cfg: FitTeacherConfig) -> dict:
     state_path, start, history = cfg.out + ".state.pth", 0, []
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("workers", "device")}
     if os.path.exists(state_path):
-        state = torch.load(state_path, map_location=device, weights_only=False)  # our own file
-        if state["settings"] == json.loads(json.dumps(settings)):
+        try:  # weights-only: a state file is data, never code, whoever left it there
+            state = torch.load(state_path, map_location=device, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, one line
+            raise CacheError(f"{state_path}: not a readable resume state ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:160]}); delete it to start over") from None
+        if json.loads(json.dumps(state["settings"])) == json.loads(json.dumps(settings)):
             model.load_state_dict(state["model"]), optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["rng"])
             start, history = state["epoch"] + 1, state["history"]
@@ -131,7 +136,8 @@ def fit_teacher(cfg: FitTeacherConfig) -> dict:
         history.append(row)
         print(json.dumps(row), flush=True)
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                    "rng": torch.get_rng_state(), "history": history, "settings": settings}, state_path + ".tmp")
+                    "rng": torch.get_rng_state(), "history": history, "settings": json.loads(json.dumps(settings))},
+                   state_path + ".tmp")
         os.replace(state_path + ".tmp", state_path)
     _save_weights(model, cfg.out)
     report = {"teacher": name, "num_classes": num_classes, "classes": source.classes, "data": source.describe(),

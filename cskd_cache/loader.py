@@ -41,8 +41,17 @@ class CachedOutputs:
             return batch
         cache = self.cache()
         views = batch["view"].numpy()
-        arrays, stored, spill = cache.gather(views)
+        try:
+            arrays, stored, spill = cache.gather(views)
+        except Exception as e:  # noqa: BLE001 - zarr raises several types for a corrupt or missing chunk
+            shards = sorted({int(v) // cache.shard_views for v in views})
+            return {"error": f"--cache {self.url}: reading views of shard(s) {shards} failed ({type(e).__name__}: "
+                             f"{str(e)[:160]}); the cache is damaged there: run `cskd-cache verify {self.url}`"}
         got = batch["fingerprint"].numpy()
+        if (stored == 0).any():  # the fill value: a shard file that is gone (a real fingerprint is never 0)
+            shards = sorted({int(v) // cache.shard_views for v in views[stored == 0]})
+            return {"error": f"--cache {self.url}: the files of shard(s) {shards} are missing (deleted after the "
+                             f"cache was made?); run `cskd-cache verify {self.url}` and precompute again"}
         if not np.array_equal(stored, got):
             bad = int(views[np.flatnonzero(stored != got)[0]])
             return {"error": f"replay drift at view {bad}: the augmented pixels differ from those the teacher saw "

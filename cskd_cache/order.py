@@ -28,7 +28,8 @@ def epoch_views(epoch: int, plan_epochs: int, views_per_epoch: int, global_batch
         return first + np.arange(n, dtype=np.int64)
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, cached, cycle, 0xC5D])))
     starts = np.arange(0, views_per_epoch, block, dtype=np.int64)
-    blocks = [np.arange(a, min(a + block, views_per_epoch), dtype=np.int64) for a in starts[rng.permutation(len(starts))]]
+    blocks = [np.arange(a, min(a + block, views_per_epoch), dtype=np.int64)
+              for a in starts[rng.permutation(len(starts))]]
     return first + np.concatenate(blocks)[:n]
 
 

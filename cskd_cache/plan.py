@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .errors import CacheError
+
 MODE_NONE, MODE_MIXUP, MODE_CUTMIX = 0, 1, 2
 
 
@@ -30,9 +32,9 @@ class PlanParams:
 
     def __post_init__(self):
         if self.num_samples < 2:
-            raise ValueError("a plan needs at least 2 samples (views are mixed in pairs)")
+            raise CacheError(f"a plan needs at least 2 samples (views are mixed in pairs), got {self.num_samples}")
         if self.epochs < 1 or self.repeats < 1:
-            raise ValueError("epochs and repeats must be >= 1")
+            raise CacheError(f"epochs and repeats must be >= 1, got {self.epochs} and {self.repeats}")
 
     @property
     def views_per_epoch(self) -> int:

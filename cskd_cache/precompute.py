@@ -20,8 +20,9 @@ from tqdm import tqdm
 from . import store
 from .data import find_bad_images, open_source
 from .distributed import Dist, init_distributed
-from .encodings import make_encoding
+from .encodings import ENCODINGS, make_encoding
 from .errors import CacheError
+from .lock import WriterLock
 from .teacher import create_teacher, resolve_precision
 from .views import PairDataset, Recipe, collate_pairs, pair_items
 
@@ -53,19 +54,26 @@ class PrecomputeConfig:
 
 
 def _check(cfg: PrecomputeConfig) -> None:
+    """Every value where it enters: nothing invalid is ever recorded in a manifest."""
     if cfg.batch_size < 2 or cfg.batch_size % 2:
         raise CacheError("--batch-size must be an even number >= 2 (views are mixed in pairs)")
-    if cfg.chunk_views % 2 or cfg.shard_views % cfg.chunk_views:
+    if cfg.chunk_views < 2 or cfg.chunk_views % 2 or cfg.shard_views % cfg.chunk_views:
         raise CacheError("--shard-views must be a multiple of --chunk-views, and both even")
-    if cfg.epochs < 1:
-        raise CacheError("--epochs must be >= 1")
+    for flag, v in (("--epochs", cfg.epochs), ("--repeats", cfg.repeats), ("--ckf-width", cfg.ckf_width),
+                    ("--topk", cfg.topk), ("--global-topk", cfg.global_topk), ("--workers", cfg.workers + 1)):
+        if v < 1:
+            raise CacheError(f"{flag} must be >= 1, got {v if flag != '--workers' else v - 1}")
+    if cfg.encoding not in ENCODINGS:
+        raise CacheError(f"--encoding {cfg.encoding!r}: use one of {', '.join(ENCODINGS)}")
+    cfg.recipe.check()
 
 
 def _existing_manifest(out: str) -> dict | None:
     """The manifest at --out, whatever its status; None where there is nothing. Refuses a folder that is not ours
     (even with --overwrite, which would delete it)."""
     manifest = store.read_manifest(out)
-    if manifest is None and os.path.isdir(out) and os.listdir(out):
+    # zarr's atomic writes may leave *.partial files if killed: they are not somebody else's data
+    if manifest is None and os.path.isdir(out) and [f for f in os.listdir(out) if not f.endswith(".partial")]:
         raise CacheError(f"--out {out} exists and is not a cskd-cache; choose another path")
     return manifest
 
@@ -141,17 +149,25 @@ def precompute(cfg: PrecomputeConfig, dist: Dist | None = None) -> store.Cache:
         raise CacheError(f"--data has labels up to {max(source.labels)} but the teacher has {num_classes} "
                          "classes; fine-tune the teacher on this dataset first (cskd-cache fit-teacher)")
 
-    if dist.main:
-        _prepare(cfg, source, teacher_info, grid, num_classes, encoding)
-    dist.barrier()
-    cache = store.Cache.open(cfg.out, mode="r+")
-    bad = set(cache.manifest["bad_samples"])
-    used = source.subset([i for i, k in enumerate(source.keys) if k not in bad]) if bad else source
-    _run_shards(cfg, cache, used, teacher, encoding, dist, device)
-    dist.barrier()
-    if dist.main and cache.done_shards().all():
-        store.finalize(cache)
-    return cache
+    # Rank 0 holds the writer lock for the whole run (the job's other ranks write only their own shards).
+    lock = WriterLock(cfg.out) if dist.main else None
+    try:
+        if lock is not None:
+            lock.acquire()
+            _prepare(cfg, source, teacher_info, grid, num_classes, encoding)
+        dist.barrier()
+        cache = store.Cache.open(cfg.out, mode="r+")
+        bad = set(cache.manifest["bad_samples"])
+        used = source.subset([i for i, k in enumerate(source.keys) if k not in bad]) if bad else source
+        _run_shards(cfg, cache, used, teacher, encoding, dist, device)
+        dist.barrier()
+        if dist.main and cache.done_shards().all():
+            store.finalize(cache)
+        dist.barrier()
+    finally:
+        if lock is not None:
+            lock.release()
+    return store.Cache.open(cfg.out)  # as finalised: every rank reports the same state
 
 
 def _prepare(cfg: PrecomputeConfig, source, teacher_info: dict, grid, num_classes: int, encoding) -> None:
@@ -167,6 +183,9 @@ def _prepare(cfg: PrecomputeConfig, source, teacher_info: dict, grid, num_classe
     if cfg.skip_bad and (old is None or cfg.overwrite or not old_bad):
         bad_ids = find_bad_images(source, workers=cfg.workers)
     used = source.subset([i for i in range(len(source)) if i not in set(bad_ids)]) if bad_ids else source
+    if len(used) < 2:
+        raise CacheError(f"--data {cfg.data}: {len(used)} usable image(s) of {len(source)}; a cache needs at least "
+                         "2 (views are mixed in pairs)")
     manifest = build_manifest(cfg, used, teacher_info, grid, num_classes, [source.keys[i] for i in bad_ids],
                               encoding)
     manifest["dataset"] = dict(source.describe(), used_samples=len(used))

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
+import shutil
+import uuid
 import warnings
 
 import numpy as np
@@ -27,6 +30,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from . import __version__
+from .data import key_bytes, key_str
 from .encodings import Encoding, encoding_from_description
 from .errors import CacheError
 from .plan import EpochPlan, PlanParams, make_epoch_plan
@@ -95,15 +99,19 @@ class Cache:
             raise CacheError(f"{url}: this cache was never fully created (interrupted while writing its plan); "
                              "run the precompute command again")
         self.manifest = manifest
-        layout = manifest["layout"]
-        self.total_views = layout["total_views"]
-        self.views_per_epoch = layout["views_per_epoch"]
-        self.shard_views = layout["shard_views"]
-        self.num_shards = layout["num_shards"]
-        grid = manifest["grid"]
-        self.encoding: Encoding = encoding_from_description(manifest["encoding"], manifest["num_classes"],
-                                                            grid[0] * grid[1])
-        self._arrays = {name: group[f"views/{name}"] for name in self.encoding.arrays()}
+        try:
+            layout = manifest["layout"]
+            self.total_views = int(layout["total_views"])
+            self.views_per_epoch = int(layout["views_per_epoch"])
+            self.shard_views = int(layout["shard_views"])
+            self.num_shards = int(layout["num_shards"])
+            grid = manifest["grid"]
+            self.encoding: Encoding = encoding_from_description(manifest["encoding"], manifest["num_classes"],
+                                                                grid[0] * grid[1])
+            self._arrays = {name: group[f"views/{name}"] for name in self.encoding.arrays()}
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise CacheError(f"{url}: the manifest is damaged or inconsistent ({type(e).__name__}: {e}); the cache "
+                             "cannot be read") from None
 
     @classmethod
     def open(cls, url: str, mode: str = "r", storage_options: dict | None = None) -> "Cache":
@@ -114,8 +122,59 @@ class Cache:
         start = shard * self.shard_views
         return start, min(start + self.shard_views, self.total_views)
 
+    @property
+    def run_marker(self) -> int:
+        """What this cache's shard markers hold when done: its run id (format 2), 1 (format 1)."""
+        return run_marker(self.manifest)
+
+    def shard_markers(self) -> np.ndarray:
+        return np.asarray(self.group["views/shard_done"][:]).astype(np.int64)
+
     def done_shards(self) -> np.ndarray:
-        return np.asarray(self.group["views/shard_done"][:]).astype(bool)
+        """Shards written completely by this cache's own run. A marker left by another run (a second writer,
+        an older cache at the same path) does not count."""
+        return self.shard_markers() == self.run_marker
+
+    def foreign_shards(self) -> np.ndarray:
+        markers = self.shard_markers()
+        return np.flatnonzero((markers != 0) & (markers != self.run_marker))
+
+    def layout_problems(self) -> list[str]:
+        """Where the manifest and the arrays it describes disagree (shapes, dtypes, sample and plan sizes)."""
+        m, problems = self.manifest, []
+        want = {f"views/{k}": ((self.total_views, *v.shape), v.dtype) for k, v in self.encoding.arrays().items()}
+        want["views/fingerprint"] = ((self.total_views,), "int64")
+        want["views/shard_done"] = ((self.num_shards,), None)
+        E, V = self.plan_params.epochs, self.views_per_epoch
+        want.update({f"plan/{f}": ((E, V, 4) if f == "box" else (E, V), None) for f in _PLAN_FIELDS})
+        n = m["dataset"].get("used_samples", m["dataset"]["num_samples"])
+        want["samples/label"] = ((n,), None)
+        for name, (shape, dtype) in want.items():
+            try:
+                a = self.group[name]
+            except KeyError:
+                problems.append(f"{name}: missing (the manifest describes it)")
+                continue
+            if tuple(a.shape) != tuple(shape) or (dtype is not None and str(a.dtype) != dtype):
+                problems.append(f"{name}: shape {tuple(a.shape)} {a.dtype}, the manifest says {tuple(shape)} "
+                                f"{dtype or ''}".rstrip())
+        if self.plan_params.num_samples != n or V != self.plan_params.views_per_epoch or \
+                E * V != self.total_views or -(-self.total_views // self.shard_views) != self.num_shards:
+            problems.append(f"layout: {self.total_views} views in {self.num_shards} shards do not match a plan of "
+                            f"{E} epochs x {self.plan_params.views_per_epoch} views over {n} samples")
+        return problems
+
+    def missing_shard_files(self, shard: int) -> list[str]:
+        """Arrays whose file for this shard does not exist (zarr would read its fill value instead)."""
+        from zarr.core.sync import sync
+
+        missing = []
+        for name in ["views/fingerprint", *(f"views/{k}" for k in self.encoding.arrays())]:
+            arr = self.group[name]
+            key = f"{arr.path}/{arr.metadata.encode_chunk_key((shard,) + (0,) * (len(arr.shape) - 1))}"
+            if not sync(self.group.store.exists(key)):
+                missing.append(name)
+        return missing
 
     @property
     def complete(self) -> bool:
@@ -124,7 +183,7 @@ class Cache:
     # -- reading ------------------------------------------------------------------------------------
     def sample_keys(self) -> list[str]:
         raw = np.asarray(self.group["samples/key"][:])
-        return [bytes(r).rstrip(b"\0").decode("utf-8") for r in raw]
+        return [key_str(bytes(r).rstrip(b"\0")) for r in raw]
 
     def sample_labels(self) -> np.ndarray:
         return np.asarray(self.group["samples/label"][:]).astype(np.int64)
@@ -243,20 +302,49 @@ def manifest_mismatch(old: dict, new: dict) -> str | None:
     return None
 
 
+def run_marker(manifest: dict) -> int:
+    """The 63-bit number a run writes into `views/shard_done` when a shard is done: from its run id."""
+    run_id = manifest.get("run_id")
+    return 1 if run_id is None else int(run_id[:15], 16) | 1  # | 1: never 0, the fill value
+
+
+def _local_root(url: str) -> str | None:
+    if "://" in url and not url.startswith("file://"):
+        return None
+    return url.removeprefix("file://")
+
+
+def remove_cache(url: str) -> None:
+    """Delete a cache that is ours. Locally the folder is first renamed aside (one atomic step), so an interrupted
+    delete leaves `PATH.deleting-*`, never a half-deleted cache at PATH that no longer looks like one."""
+    root = _local_root(url)
+    if root is None:
+        zarr.open_group(url, mode="w")  # remote: zarr's own delete
+        return
+    if not os.path.exists(root):
+        return
+    aside = f"{root.rstrip('/')}.deleting-{uuid.uuid4().hex[:8]}"
+    os.rename(root, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def create_cache(url: str, manifest: dict, keys: list[str], labels: list[int], encoding: Encoding,
                  chunk_views: int, overwrite: bool) -> Cache:
     """Create the group, all arrays, the samples and the whole plan; only then mark it 'incomplete' (ready for
     shards). Until that last write the manifest says 'creating': recognisably ours, never usable, and redone
-    from scratch by the next run. Nothing that marks a cache usable is written before the plan it depends on."""
+    from scratch by the next run. Nothing that marks a cache usable is written before the plan it depends on.
+    Each creation gets a run id; shard markers carry it, so shards another run wrote never count as done."""
     manifest = dict(manifest, status="creating", created=_dt.datetime.now(_dt.timezone.utc).isoformat(),
-                    tool_version=__version__, spill_shards=[])
+                    tool_version=__version__, spill_shards=[], run_id=uuid.uuid4().hex)
+    if overwrite:
+        remove_cache(url)
     # one write of zarr.json that already carries the manifest: there is no moment where it is a bare group
-    group = zarr.create_group(url, overwrite=overwrite, attributes={ATTR: manifest})
+    group = zarr.create_group(url, overwrite=False, attributes={ATTR: manifest})
     total = manifest["layout"]["total_views"]
     shard_views = manifest["layout"]["shard_views"]
-    encoded = np.zeros((len(keys), max(1, max(len(k.encode()) for k in keys))), dtype=np.uint8)
-    for i, k in enumerate(keys):
-        b = k.encode("utf-8")
+    raw = [key_bytes(k) for k in keys]
+    encoded = np.zeros((len(keys), max(1, max(len(b) for b in raw))), dtype=np.uint8)
+    for i, b in enumerate(raw):
         encoded[i, : len(b)] = np.frombuffer(b, dtype=np.uint8)
     _write_array(group, "samples/key", encoded, chunks=(min(65536, len(keys)), encoded.shape[1]))
     _write_array(group, "samples/label", np.asarray(labels, dtype=np.int32), chunks=(min(1 << 20, len(keys)),))
@@ -271,7 +359,7 @@ def create_cache(url: str, manifest: dict, keys: list[str], labels: list[int], e
         group.create_array(f"views/{name}", shape=(total,) + tuple(spec.shape),
                            chunks=(chunk_views,) + tuple(spec.shape), shards=(shard_views,) + tuple(spec.shape),
                            dtype=spec.dtype, fill_value=spec.fill, compressors=_codecs())
-    group.create_array("views/shard_done", shape=(manifest["layout"]["num_shards"],), chunks=(1,), dtype="uint8",
+    group.create_array("views/shard_done", shape=(manifest["layout"]["num_shards"],), chunks=(1,), dtype="int64",
                        fill_value=0)
     params = PlanParams(**manifest["plan"])
     for e in range(params.epochs):
@@ -304,6 +392,32 @@ def repair_plan(cache: Cache) -> list[int]:
     return bad
 
 
+def _fsync_shard(cache: Cache, shard: int, names: list[str]) -> None:
+    """Flush a shard's files to disk before its marker says it is done (zarr writes atomically, not durably).
+    Local stores only: an object store's PUT is durable when it returns."""
+    root = _local_root(cache.url)
+    if root is None:
+        return
+    dirs = set()
+    for name in names:
+        arr = cache.group[name]
+        coords = (shard,) + (0,) * (len(arr.shape) - 1)
+        path = os.path.join(root, arr.path, arr.metadata.encode_chunk_key(coords))
+        if os.path.exists(path):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            dirs.add(os.path.dirname(path))
+    for d in dirs:  # the renames that made the files appear
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def write_shard(cache: Cache, shard: int, arrays: dict[str, np.ndarray], fingerprints: np.ndarray,
                 spill: dict[str, np.ndarray] | None) -> None:
     """Write one whole shard (one call per array), then its completion marker. Only its owner calls this."""
@@ -323,7 +437,9 @@ def write_shard(cache: Cache, shard: int, arrays: dict[str, np.ndarray], fingerp
     for name, data in arrays.items():
         cache.group[f"views/{name}"][start:stop] = data
     cache.group["views/fingerprint"][start:stop] = fingerprints
-    cache.group["views/shard_done"][shard] = 1
+    _fsync_shard(cache, shard, [f"views/{name}" for name in arrays] + ["views/fingerprint"])
+    cache.group["views/shard_done"][shard] = cache.run_marker
+    _fsync_shard(cache, shard, ["views/shard_done"])
 
 
 def finalize(cache: Cache) -> None:
@@ -332,6 +448,9 @@ def finalize(cache: Cache) -> None:
     if not done.all():
         raise CacheError(f"{cache.url}: {int((~done).sum())} of {len(done)} shards are missing; run the same "
                          "command again to finish them")
+    latest = read_manifest(cache.url)
+    if latest is None or latest.get("run_id") != cache.manifest.get("run_id"):  # replaced under our feet
+        raise CacheError(f"{cache.url} was replaced by another run while this one wrote it; it was not finalised")
     spill = sorted(int(name[1:]) for name in cache.group["spill"].group_keys()) if "spill" in cache.group else []
     cache.manifest = dict(cache.manifest, status="complete", spill_shards=spill,
                           completed=_dt.datetime.now(_dt.timezone.utc).isoformat())

@@ -106,8 +106,14 @@ class Run:
 
 def _check_cache(cfg: TrainConfig, cache: Cache, source) -> None:
     m = cache.manifest
+    problems = cache.layout_problems()
+    if problems:
+        raise CacheError(f"--cache {cfg.cache} does not match its own manifest ({problems[0]}); it is damaged: run "
+                         f"`cskd-cache verify {cfg.cache}`")
     if not cache.complete:
-        raise CacheError(f"--cache {cfg.cache} is incomplete; finish it with the same precompute command")
+        foreign = cache.foreign_shards()
+        why = f" ({len(foreign)} shards were written by another run)" if len(foreign) else ""
+        raise CacheError(f"--cache {cfg.cache} is incomplete{why}; finish it with the same precompute command")
     fp = source.fingerprint()
     if m["dataset"]["fingerprint"] != fp and not cfg.force:
         raise CacheError(f"--cache {cfg.cache} was made from another dataset (fingerprint "
@@ -152,8 +158,24 @@ def _check_flags(cfg: TrainConfig) -> None:
         raise CacheError(f"--distill {cfg.distill!r}: use one of {', '.join(DISTILL_TYPES)}")
     if cfg.cskd_loss not in CSKD_TYPES:
         raise CacheError(f"--cskd-loss {cfg.cskd_loss!r}: use one of {', '.join(CSKD_TYPES)}")
-    if cfg.epochs < 1:
-        raise CacheError("--epochs must be >= 1")
+    for flag, v in (("--epochs", cfg.epochs), ("--repeats", cfg.repeats), ("--max-steps", cfg.max_steps or 1),
+                    ("--stop-after", cfg.stop_after or 1), ("--plan-epochs", cfg.plan_epochs or 1)):
+        if v < 1:
+            raise CacheError(f"{flag} must be >= 1, got {v}")
+    for flag, v in (("--tau", cfg.tau), ("--lr", cfg.lr if cfg.lr is not None else 1.0),
+                    ("--clip-grad", cfg.clip_grad if cfg.clip_grad is not None else 1.0)):
+        if not v > 0:
+            raise CacheError(f"{flag} must be > 0, got {v}")
+    for flag, v in (("--weight-decay", cfg.weight_decay), ("--warmup-epochs", cfg.warmup_epochs),
+                    ("--min-lr", cfg.min_lr), ("--warmup-lr", cfg.warmup_lr), ("--base-weight", cfg.base_weight),
+                    ("--distill-weight", cfg.distill_weight), ("--cskd-weight", cfg.cskd_weight),
+                    ("--workers", cfg.workers)):
+        if v < 0:
+            raise CacheError(f"{flag} must be >= 0, got {v}")
+    if not 0.0 <= cfg.drop_path <= 1.0 or not 0.0 <= cfg.ema_decay <= 1.0:
+        raise CacheError("--drop-path and --ema-decay must be between 0 and 1")
+    if cfg.input_size is not None and cfg.input_size < 16:
+        raise CacheError(f"--input-size must be >= 16, got {cfg.input_size}")
 
 
 def setup(cfg: TrainConfig, dist: Dist) -> Run:
@@ -164,6 +186,7 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
     cache = Cache.open(cfg.cache) if cfg.cache else None
     if cfg.teacher_source == "cache" and cache is None:
         raise CacheError("--teacher-source cache needs --cache (or use --teacher-source online / none)")
+    val = _val_loader(cfg, recipe_of(cache, cfg), dist) if cfg.val_data else None  # fail early on a bad path
     if cache is not None:
         _check_cache(cfg, cache, source)
         index = {k: i for i, k in enumerate(source.keys)}
@@ -173,7 +196,7 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
             raise CacheError(f"--data lacks {len(missing)} of the {len(keys)} images --cache {cfg.cache} was made "
                              f"from (e.g. {missing[0]!r}); train on the data the cache was made from")
         source = source.subset([index[k] for k in keys])
-        recipe = cache.recipe
+        recipe = recipe_of(cache, cfg)
         if cfg.input_size is not None and cfg.input_size != recipe.input_size:
             raise CacheError(f"--input-size {cfg.input_size} does not fit --cache {cfg.cache}, whose views are "
                              f"{recipe.input_size} px; drop --input-size, or precompute a cache at "
@@ -182,7 +205,7 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
         plan, plan_epochs, vpe = cache.epoch_plan, cache.plan_params.epochs, cache.views_per_epoch
         block, identity = cache.manifest["layout"]["chunk_views"], store.identity(cache.manifest)
     else:
-        recipe = Recipe(input_size=cfg.input_size or 224)
+        recipe = recipe_of(cache, cfg)
         num_classes = len(source.classes)
         params = recipe.plan_params(len(source), cfg.plan_epochs or cfg.epochs, cfg.seed, cfg.repeats)
         plan, plan_epochs, vpe = (lambda e: make_epoch_plan(params, e)), params.epochs, params.views_per_epoch
@@ -201,7 +224,8 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
                                        view_mean=recipe.mean, view_std=recipe.std,
                                        precision=resolve_precision(precision, device))
         teacher = teacher.to(device)
-        if cache is not None and info["weights_sha256"] != cache.manifest["teacher"]["weights_sha256"] and not cfg.force:
+        same = cache is None or info["weights_sha256"] == cache.manifest["teacher"]["weights_sha256"]
+        if not same and not cfg.force:
             raise CacheError("the online teacher's weights differ from the cache's teacher; pass --force")
         grid = grid or teacher.grid(recipe.input_size)
         num_classes = info["num_classes"] if cache is None else num_classes
@@ -246,8 +270,13 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
               cache_url=cfg.cache if cfg.teacher_source == "cache" else None,
               steps=min(steps, cfg.max_steps) if cfg.max_steps else steps)
     _resume(run)
-    run.val = _val_loader(cfg, recipe, dist) if cfg.val_data else None
+    run.val = val
     return run
+
+
+def recipe_of(cache: Cache | None, cfg: TrainConfig) -> Recipe:
+    """The views' recipe: the cache's, or DeiT's at --input-size."""
+    return cache.recipe if cache is not None else Recipe(input_size=cfg.input_size or 224)
 
 
 def _checkpoint_path(cfg: TrainConfig) -> str:
@@ -339,22 +368,27 @@ def _one_epoch(run: Run, dataset: PairDataset, epoch: int) -> dict:
             **{f"train_{k}": v / max(seen, 1) for k, v in zip(names, totals[1:])}}
 
 
+def _write_atomic(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def _save(run: Run, epoch: int, row: dict) -> None:
-    """Checkpoint (atomically: a kill never leaves a half-written one), metrics.jsonl and last.json."""
+    """Checkpoint, metrics.jsonl (the whole history, so the log always agrees with the checkpoint a resume
+    starts from) and last.json; each written to a temporary file and renamed: a kill never leaves half a file."""
     path = _checkpoint_path(run.cfg)
     torch.save({"model": run.student.state_dict(), "optimizer": run.optimizer.state_dict(),
                 "ema": run.ema.state_dict() if run.ema is not None else None, "epoch": epoch,
                 "history": run.history, "config": asdict(run.cfg), "identity": run.identity}, path + ".tmp")
     os.replace(path + ".tmp", path)
-    with open(os.path.join(run.cfg.out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
-    with open(os.path.join(run.cfg.out, "last.json"), "w") as f:
-        json.dump(row, f)
+    _write_atomic(os.path.join(run.cfg.out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in run.history))
+    _write_atomic(os.path.join(run.cfg.out, "last.json"), json.dumps(row))
 
 
 def _val_loader(cfg: TrainConfig, recipe: Recipe, dist: Dist):
     """This rank's share of the validation set (every world-th image), at the recipe's eval transform."""
-    source = open_source(cfg.val_data)
+    source = open_source(cfg.val_data, flag="--val-data")
     transform = build_eval_transform(recipe)
     ids = list(range(dist.rank, len(source), dist.world))
     return torch.utils.data.DataLoader(LabeledImages(source, transform, ids), batch_size=cfg.batch_size,

@@ -9,41 +9,36 @@ from .store import Cache
 from .views import PairDataset, pair_items
 
 
-def check_replay(cache: Cache, source, count: int, offset: int = 0) -> int:
-    """Replay `count` pairs spread over the done shards and compare pixel fingerprints with the stored ones.
-
-    A mismatch means augmentation code, a library version or the data changed since the cache was made."""
+def replay_views(cache: Cache, source, count: int) -> dict:
+    """Replay about `count` views (whole pairs) spread evenly over the done shards and compare their pixel
+    fingerprints with the stored ones. Returns {"checked": n, "drifted": [view, ...]}. A drift means the
+    augmentation code, a library version or the images changed since the cache was made."""
     keys = cache.sample_keys()
     index = {k: i for i, k in enumerate(source.keys)}
-    missing = [k for k in keys[:1000] if k not in index]
+    missing = [k for k in keys if k not in index]
     if missing:
-        raise CacheError(f"--data lacks samples the cache was made from (e.g. {missing[0]!r})")
+        raise CacheError(f"--data lacks {len(missing)} of the {len(keys)} samples the cache was made from "
+                         f"(e.g. {missing[0]!r}); give the dataset the cache was made from")
     source = source.subset([index[k] for k in keys])
     done = np.flatnonzero(cache.done_shards())
-    if not len(done):
-        return 0
+    pairs_per = [(cache.shard_range(int(s))[1] - cache.shard_range(int(s))[0]) // 2 for s in done]
+    total = sum(pairs_per)
+    n = min(-(-count // 2), total)  # whole pairs: a view is only replayed with its partner
     dataset = PairDataset(source, cache.recipe)
-    total = sum(cache.shard_range(int(s))[1] - cache.shard_range(int(s))[0] for s in done) // 2
-    checked = 0
-    for j in range(count):
-        k = (offset + j * max(total // max(count, 1), 1)) % total
-        for s in done:  # pair k among the done shards
-            a, b = cache.shard_range(int(s))
-            if k < (b - a) // 2:
-                v = a + 2 * k
+    out = {"checked": 0, "drifted": []}
+    for k in (np.arange(n) * total // max(n, 1)).tolist():
+        for s, m in zip(done, pairs_per):  # pair k among the done shards
+            if k < m:
+                v = cache.shard_range(int(s))[0] + 2 * k
                 break
-            k -= (b - a) // 2
-        item = pair_items(cache.epoch_plan, [v, v + 1], cache.views_per_epoch)[0]
-        got = dataset[item]
+            k -= m
+        got = dataset[pair_items(cache.epoch_plan, [v, v + 1], cache.views_per_epoch)[0]]
         if "error" in got:
             raise CacheError(f"--data: {got['error']}")
         want = cache.read_fingerprints(v, v + 2)
-        if not np.array_equal(got["fingerprint"].numpy(), want):
-            raise CacheError(f"replay drift at view {v}: the augmented pixels differ from those the teacher saw "
-                             "(augmentation code, library versions or images changed); use the environment "
-                             f"recorded in the cache ({cache.manifest['recipe']['library_versions']})")
-        checked += 2
-    return checked
+        out["drifted"] += [v + i for i in range(2) if int(got["fingerprint"][i]) != int(want[i])]
+        out["checked"] += 2
+    return out
 
 
 def describe_cache(url: str) -> dict:
@@ -101,13 +96,27 @@ def _exactness(enc: dict) -> str:
     return out + ("; approximate (top-k): " + ", ".join(approx) if approx else "")
 
 
-def verify_cache(url: str, replay: int = 0, data: str | None = None) -> str:
-    """Read every chunk of every view array (zarr checks each chunk's crc32c), then optionally replay views."""
+def verify_cache(url: str, replay: int = 0, data: str | None = None) -> dict:
+    """Everything that can be wrong with a cache, listed: unwritten or foreign shards, a manifest that does not
+    match its arrays, a plan that does not match its parameters, chunks that fail their crc32c (zarr checks each
+    chunk as it reads it) or hold unwritten values, and (with --replay) views that no longer replay.
+    Returns {"summary": str, "problems": [str, ...]}; an empty list means sound."""
+    if replay and not data:
+        raise CacheError("verify --replay needs --data (the dataset the cache was made from)")
     cache = Cache.open(url)
     done = cache.done_shards()
-    problems = []
+    problems = cache.layout_problems()
+    if problems:  # the rest would read arrays that are not what the manifest says
+        return {"summary": "", "problems": problems}
+    foreign = cache.foreign_shards()
+    if len(foreign):
+        problems.append(f"shards {foreign[:10].tolist()} were written by another run (another writer, or a cache "
+                        "that was replaced); they do not count")
     if not done.all():
-        problems.append(f"{int((~done).sum())} of {len(done)} shards not written")
+        problems.append(f"{int((~done).sum())} of {len(done)} shards not written (run the precompute command "
+                        "again to finish them)")
+    elif cache.manifest.get("status") != "complete":
+        problems.append("every shard is written but the cache was not finalised (run the precompute command again)")
     bad_plan = [e for e in range(cache.plan_params.epochs) if not cache.plan_ok(e)]
     if bad_plan:
         problems.append(f"the stored plan of epochs {bad_plan[:10]} does not match its parameters")
@@ -115,24 +124,28 @@ def verify_cache(url: str, replay: int = 0, data: str | None = None) -> str:
     names = ["fingerprint", *cache.encoding.arrays()]
     for s in np.flatnonzero(done):
         start, stop = cache.shard_range(int(s))
+        missing = cache.missing_shard_files(int(s))
+        if missing:  # a missing shard file reads back as fill values, silently
+            problems.append(f"shard {s}: files missing for {', '.join(missing)} (marked done, but deleted since)")
+            continue
         for a in range(start, stop, step):
             for name in names:
+                where = f"views/{name} views {a}..{min(a + step, stop)} (shard {s})"
                 try:
                     chunk = np.asarray(cache.group[f"views/{name}"][a:min(a + step, stop)])
                 except Exception as e:  # noqa: BLE001 - zarr raises several types for a corrupt chunk
-                    problems.append(f"views/{name} views {a}..{min(a + step, stop)}: {type(e).__name__}: {e}")
+                    problems.append(f"{where}: {type(e).__name__}: {str(e)[:200]}")
                     continue
                 if chunk.dtype.kind == "f" and np.isnan(chunk).any():
-                    problems.append(f"views/{name} views {a}..{min(a + step, stop)}: unwritten (NaN) values")
-    if problems:
-        raise CacheError(f"{url}: verify failed: " + "; ".join(problems[:5]) +
-                         (f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""))
-    report = f"{url}: {len(done)} shards, every chunk read and checksummed, the plan matches its parameters"
+                    problems.append(f"{where}: unwritten (NaN) values")
+    summary = f"{url}: {len(done)} shards, every chunk read and checksummed, the plan matches its parameters"
     if replay:
-        if not data:
-            raise CacheError("verify --replay needs --data (the dataset the cache was made from)")
         from .data import open_source
 
-        checked = check_replay(cache, open_source(data), replay)
-        report += f"; {checked} replayed views match their fingerprints"
-    return report
+        r = replay_views(cache, open_source(data), replay)
+        if r["drifted"]:
+            problems.append(f"{len(r['drifted'])} of {r['checked']} replayed views differ from the pixels the teacher "
+                            f"saw (e.g. view {r['drifted'][0]}); the cache recorded "
+                            f"{cache.manifest['recipe'].get('library_versions')}")
+        summary += f"; {r['checked']} replayed views match their fingerprints"
+    return {"summary": summary, "problems": problems}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import random
+import re
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -61,6 +62,38 @@ class Recipe:
             raise CacheError(f"{where} uses augmentation settings this cskd-cache does not know "
                              f"({', '.join(unknown)}); upgrade cskd-cache to the version that made it")
         return cls(**d)
+
+    def check(self) -> "Recipe":
+        """Refuse values that are not a recipe (before they are recorded in a manifest), naming the CLI flag."""
+        probs = {"--re-prob": self.re_prob, "--mix-prob": self.mix_prob, "--switch-prob": self.switch_prob,
+                 "hflip": self.hflip}
+        bad = [f"{k} {v} (a probability: 0 to 1)" for k, v in probs.items() if not 0.0 <= v <= 1.0]
+        bad += [f"{k} {v} (>= 0)" for k, v in (("--mixup", self.mixup_alpha), ("--cutmix", self.cutmix_alpha),
+                                              ("color_jitter", self.color_jitter)) if v < 0]
+        if not 0.0 <= self.label_smoothing < 1.0:
+            bad.append(f"--smoothing {self.label_smoothing} (0 to below 1)")
+        if self.input_size < 16:
+            bad.append(f"--input-size {self.input_size} (at least 16 pixels)")
+        if not 0.0 < self.scale[0] <= self.scale[1] <= 1.0 or not 0.0 < self.ratio[0] <= self.ratio[1]:
+            bad.append(f"scale {self.scale} / ratio {self.ratio}")
+        if self.re_count < 1:
+            bad.append(f"re_count {self.re_count} (>= 1)")
+        if bad:
+            raise CacheError("invalid augmentation recipe: " + "; ".join(bad))
+        aa = self.auto_augment
+        if aa is not None:
+            # timm skips RandAugment sections it cannot parse ('rand-m9-zz' is plain rand-m10): be strict
+            if aa.startswith("rand") and not all(re.fullmatch(r"(mstd|mmax|inc|m|n|p)\d[\d.]*|t.*", part)
+                                                 for part in aa.split("-")[1:]) or aa.startswith("rand") and \
+                    aa.split("-")[0] != "rand":
+                raise CacheError(f"--auto-augment {aa!r}: not a timm RandAugment spec (e.g. rand-m9-mstd0.5-inc1; "
+                                 "sections m, n, mstd, mmax, inc, p, t), or 'none'")
+            try:
+                build_transform(self)
+            except Exception as e:  # noqa: BLE001 - timm asserts on unknown policies
+                raise CacheError(f"--auto-augment {aa!r}: timm cannot build it ({type(e).__name__}: {e}); use "
+                                 "e.g. rand-m9-mstd0.5-inc1, original, augmix-m5, or 'none'") from None
+        return self
 
     def plan_params(self, num_samples: int, epochs: int, seed: int, repeats: int) -> PlanParams:
         return PlanParams(

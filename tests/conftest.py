@@ -14,6 +14,11 @@ from PIL import Image
 
 torch.set_num_threads(2)
 
+
+def pytest_addoption(parser):
+    parser.addoption("--kills", type=int, default=3,
+                     help="kill sweep: how many SIGKILLs per run (CI default 3; e.g. --kills 20 for the full sweep)")
+
 NUM_CLASSES = 4
 TEACHER = "test_resnet"
 
@@ -45,6 +50,23 @@ def teacher_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
     torch.save(model.state_dict(), path)
     return path
+
+
+def run_cli(*args) -> tuple[int, str]:
+    """The CLI in this process (typer's runner): exit code and everything it printed."""
+    from typer.testing import CliRunner
+
+    from cskd_cache_cli.app import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    return r.exit_code, r.output
+
+
+def one_line(code: int, text: str, *needles: str) -> None:
+    """A user error as it must look: exit 2, one line, no traceback, naming what it should."""
+    assert code == 2 and len(text.strip().splitlines()) == 1 and "Traceback" not in text, text
+    for n in needles:
+        assert n in text, (n, text)
 
 
 def precompute_args(data, out, ckpt, *extra) -> list[str]:

@@ -5,19 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import NUM_CLASSES, TEACHER, precompute_args
+from conftest import NUM_CLASSES, TEACHER, precompute_args, run_cli
 from PIL import Image
-from typer.testing import CliRunner
 
-from cskd_cache_cli.app import app
 from cskd_cache.scenes import make_scenes, write_scene_shards
 
-runner = CliRunner()
-
-
-def run_cli(*args):
-    r = runner.invoke(app, [str(a) for a in args])
-    return r.exit_code, r.output
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])

@@ -5,7 +5,6 @@ last crash hid there (Pillow 13 refuses RandAugment's 0-bit posterize, about 1 v
 """
 
 import numpy as np
-import pytest
 import torch
 from conftest import precompute_args
 from PIL import Image
@@ -78,7 +77,7 @@ def test_precompute_and_train_with_the_full_default_recipe_on_real_photos(tmp_pa
     assert cache.complete and cache.total_views == 2400
     assert m["recipe"]["auto_augment"] == "rand-m9-mstd0.5-inc1" and m["plan"]["repeats"] == 3
     assert m["recipe"]["re_prob"] == 0.25 and m["plan"]["mixup_alpha"] == 0.8 and m["plan"]["cutmix_alpha"] == 1.0
-    r = runner.invoke(app, ["verify", str(out), "--replay", "50", "--data", str(real_photos)])
+    r = runner.invoke(app, ["verify", str(out), "--replay", "100", "--data", str(real_photos)])
     assert r.exit_code == 0 and "100 replayed views match" in r.output, r.output
     r = runner.invoke(app, ["train", "--student", "deit_tiny_distilled_patch16_224", "--data", str(real_photos),
                             "--cache", str(out), "--out", str(tmp_path / "run"), "--epochs", "100",

@@ -9,18 +9,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from conftest import precompute_args
-from typer.testing import CliRunner
+from conftest import precompute_args, run_cli
 
-from cskd_cache_cli.app import app
 
-runner = CliRunner()
 STUDENT = "deit_tiny_distilled_patch16_224"  # at 64 px: a 4x4 patch grid, pooled to the teacher's 2x2
-
-
-def run_cli(*args):
-    r = runner.invoke(app, [str(a) for a in args])
-    return r.exit_code, r.output
 
 
 @pytest.fixture
@@ -241,7 +233,7 @@ def test_format_1_caches_stay_readable(tmp_path, encoding):
     cache = Cache.open(path)
     assert cache.manifest["format_version"] == 1 and not cache.encoding.lse
     assert "global_lse" not in cache.encoding.arrays()
-    code, text = run_cli("verify", path, "--replay", "4", "--data", images)
+    code, text = run_cli("verify", path, "--replay", "8", "--data", images)
     assert code == 0 and "8 replayed views match" in text, text
     code, text = run_cli(*train_args(images, tmp_path / "run", "--cache", path, "--distill", "soft"))
     assert code == 0, text
