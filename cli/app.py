@@ -86,6 +86,10 @@ FixedPrecision = _choices("FixedPrecision", "fp32", "fp16", "bf16")
 TeacherSource = _choices("TeacherSource", "cache", "online", "none")
 LossType = _choices("LossType", "hard", "soft")
 AlphaSchedule = _choices("AlphaSchedule", "linear", "x2", "cos")
+Match = _choices("Match", "key", "stem", "content")
+MATCH_HELP = ("How --data's images are found for the cache's samples: key (the same packaging), stem (file names "
+              "without folders and extensions: another packaging of the same images), content (sha256 of each "
+              "file; needs precompute --content-hash).")
 
 
 def plain(values: dict) -> dict:
@@ -107,7 +111,7 @@ def main() -> None:
     app(prog_name="cskd-cache")
 
 
-from . import cache, extras, training  # noqa: E402,F401 - register the commands
+from . import cache, extras, share, training  # noqa: E402,F401 - register the commands
 
 if __name__ == "__main__":
     sys.exit(main())

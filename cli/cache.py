@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .app import Encoding, Precision, app, default_workers, user_errors
+from .app import MATCH_HELP, Encoding, Match, Precision, app, default_workers, fail, user_errors
 
 
 @app.command()
@@ -57,6 +57,10 @@ def precompute(
     teacher_precision: Precision = typer.Option("auto", case_sensitive=False,
                                           help="Teacher forward: auto (fp16 autocast on a GPU, as the official "
                                                "code; fp32 on a CPU) | fp32 | fp16 | bf16."),
+    content_hash: bool = typer.Option(False, help="Store each image file's sha256, so that train --match content "
+                                                  "finds the images in any other packaging."),
+    only_epochs: Optional[str] = typer.Option(None, help="Compute only these epochs (e.g. 15-29): a partial cache, "
+                                                         "to merge with the rest later (cskd-cache merge)."),
     max_shards: Optional[int] = typer.Option(None, hidden=True),
 ):
     """Run the teacher once over augmented views and store its dense and global outputs."""
@@ -74,27 +78,35 @@ def precompute(
                            ckf_width=ckf_width, topk=topk, global_topk=global_topk, repeats=repeats, seed=seed,
                            recipe=recipe, batch_size=batch_size, workers=workers, chunk_views=chunk_views,
                            shard_views=shard_views, skip_bad=skip_bad, overwrite=overwrite, device=device,
-                           teacher_precision=teacher_precision, max_shards=max_shards)
+                           teacher_precision=teacher_precision, content_hash=content_hash,
+                           only_epochs=only_epochs, max_shards=max_shards)
     dist = init_distributed()
     cache = run(cfg, dist)
     if dist.main:  # one report per job, not one per rank
-        state = "complete" if cache.complete else "incomplete (run the same command again to resume)"
+        state = "complete" if cache.complete else (
+            f"partial (epochs {only_epochs})" if cache.manifest.get("status") == "partial" else
+            "incomplete (run the same command again to resume)")
         skipped = cache.manifest.get("bad_samples") or []
         if skipped:
             typer.echo(f"skipped {len(skipped)} undecodable images: " + ", ".join(repr(k) for k in skipped[:20]) +
                        (f" (+{len(skipped) - 20} more; see inspect)" if len(skipped) > 20 else ""))
-        typer.echo(f"{out}: {cache.total_views} views, {cache.manifest['encoding']['name']} encoding, {state}")
+        typer.echo(f"{out}: {cache.num_views} views, {cache.manifest['encoding']['name']} encoding, {state}")
 
 
 @app.command()
 @user_errors
 def inspect(cache: str = typer.Argument(..., help="Cache path or URL."),
-            as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
+            as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+            requirements: bool = typer.Option(False, "--requirements", help="Print the library versions the "
+                                                                            "replay depends on, pinned (pip -r).")):
     """Print a cache's manifest, array shapes, bytes per view and completeness."""
-    from cskd_cache.verify import describe_cache, format_description
+    from cskd_cache import verify as v
 
-    info = describe_cache(cache)
-    typer.echo(json.dumps(info, indent=2, default=str) if as_json else format_description(info))
+    info = v.describe_cache(cache)
+    if requirements:
+        typer.echo(v.requirements(info["manifest"]))
+        return
+    typer.echo(json.dumps(info, indent=2, default=str) if as_json else v.format_description(info))
 
 
 @app.command()
@@ -102,12 +114,28 @@ def inspect(cache: str = typer.Argument(..., help="Cache path or URL."),
 def verify(cache: str = typer.Argument(..., help="Cache path or URL."),
            replay: int = typer.Option(0, min=0, help="Also replay this many views (spread over the cache) and "
                                                      "compare their pixel fingerprints (needs --data)."),
-           data: Optional[str] = typer.Option(None, help="Dataset the cache was made from, for --replay.")):
+           data: Optional[str] = typer.Option(None, help="Dataset the cache was made from, for --replay and "
+                                                         "--teacher-check."),
+           match: Match = typer.Option("key", case_sensitive=False, help=MATCH_HELP),
+           replay_tolerance: float = typer.Option(0.05, min=0.0, help="Drift of a replayed view's signature that is "
+                                                                     "reported but not a failure (0: strict)."),
+           teacher_check: int = typer.Option(0, min=0, help="Re-run the cache's teacher on this many replayed "
+                                                            "views and compare with the stored outputs."),
+           teacher_checkpoint: Optional[str] = typer.Option(None, help="--teacher-check: the teacher's weights "
+                                                                       "(their sha256 must match the cache's)."),
+           pretrained: bool = typer.Option(False, help="--teacher-check: take the teacher from timm / the hub."),
+           teacher_tolerance: float = typer.Option(0.02, min=0.0, max=1.0, help="--teacher-check: fraction of CKF "
+                                                                                "targets that may differ."),
+           device: Optional[str] = typer.Option(None, help="--teacher-check: cpu, cuda, ...")):
     """Read every chunk (crc32c checked), check completeness and the plan, optionally replay views.
     Exit 0: the cache is sound; 1: it is not (every problem listed); 2: the command could not run."""
     from cskd_cache.verify import verify_cache
 
-    report = verify_cache(cache, replay=replay, data=data)
+    if teacher_check and not (teacher_checkpoint or pretrained):
+        fail("--teacher-check needs the teacher: --teacher-checkpoint PATH or --pretrained")
+    report = verify_cache(cache, replay=replay, data=data, match=match.value, tolerance=replay_tolerance,
+                          teacher_views=teacher_check, teacher_checkpoint=teacher_checkpoint, pretrained=pretrained,
+                          teacher_tolerance=teacher_tolerance, device=device)
     if report["problems"]:
         typer.echo(f"{cache}: verify failed, {len(report['problems'])} problem(s):", err=True)
         for p in report["problems"]:

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from .app import AlphaSchedule, FixedPrecision, LossType, TeacherSource, app, default_workers, plain, user_errors
+from .app import (MATCH_HELP, AlphaSchedule, FixedPrecision, LossType, Match, TeacherSource, app, default_workers,
+                  plain, user_errors)
 
 _STUDENTS = "deit_ti | deit_s | deit_b (timm's distilled DeiTs), deit_demo (DeiT-Ti at width 96, depth 4), or any " \
             "timm ViT with a distillation token"
@@ -58,6 +59,10 @@ def train(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: GPU when present)."),
     resume: bool = typer.Option(False, help="Continue the run in --out (same flags; --epochs may grow)."),
     force: bool = typer.Option(False, help="Use a cache that does not fit --data (knowingly)."),
+    match: Match = typer.Option("key", case_sensitive=False, help=MATCH_HELP),
+    replay_tolerance: float = typer.Option(0.05, min=0.0, help="Largest drift of a replayed view's signature from "
+                                                              "the one cached (normalised units) that is tolerated "
+                                                              "and counted; 0 = strict (exact pixels only)."),
     seed: int = typer.Option(0, help="Seed of initial weights, drop path and cycle orders."),
     repeats: int = typer.Option(3, min=1, help="Without a cache: repeated augmentation of the plan (a cache brings "
                                                "its own)."),

@@ -12,23 +12,16 @@ import io
 import json
 import os
 import re
-import tarfile
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import fsspec
 import numpy as np
 import torch
-from braceexpand import braceexpand
 from PIL import Image
-from webdataset.tariterators import base_plus_ext
 
 from cskd_cache.errors import BadImageError, DataError
 
 # Same list as torchvision.datasets.folder.IMG_EXTENSIONS, so ids match a torchvision ImageFolder.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")  # first present wins
-WDS_LABEL_EXTS = ("cls", "cls.txt", "class", "label")
 _URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _HINT = "give an ImageFolder directory or WebDataset .tar shards"
 
@@ -149,189 +142,6 @@ class ImageFolderSource(ImageSource):
             raise DataError(f"{self.flag}: cannot read {path!r}: {e.strerror or e}; check the dataset directory") from e
 
 
-def expand_shards(spec: str | list[str]) -> list[str]:
-    """Patterns separated by spaces or '::' (or given as a list), each brace-expanded."""
-    out = []
-    for part in [spec] if isinstance(spec, str) else spec:
-        if os.path.exists(os.path.expanduser(part)):  # a real path may contain spaces or braces
-            out.append(os.path.expanduser(part))
-            continue
-        for piece in part.replace("::", " ").split():
-            out.extend(p if _URL_RE.match(p) else os.path.expanduser(p) for p in braceexpand(piece))
-    return out
-
-
-def _read_class_map(first_shard: str) -> list[str] | None:
-    """Optional classes.txt (one name per line) or classes.json (list, or {name: index}) beside the first shard."""
-    base = first_shard.rsplit("/", 1)[0] if "/" in first_shard else "."
-    for name in ("classes.txt", "classes.json"):
-        path = f"{base}/{name}"
-        fs, p = fsspec.core.url_to_fs(path)
-        if not fs.exists(p):
-            continue
-        try:
-            text = fs.cat_file(p).decode("utf-8")
-            if name.endswith(".txt"):
-                return [line.strip() for line in text.splitlines() if line.strip()]
-            obj = json.loads(text)
-            return [str(c) for c in obj] if isinstance(obj, list) else sorted(obj, key=lambda n: int(obj[n]))
-        except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as e:
-            raise DataError(f"--data: cannot parse class map {path}: {e}; fix it or remove it") from e
-    return None
-
-
-def _index_shard(shard: str) -> list[tuple[str, int, int, bytes]]:
-    """Scan tar headers only; returns (key, image offset, image size, label bytes) per sample."""
-    try:
-        f = fsspec.open(shard, "rb").open() if _URL_RE.match(shard) else open(shard, "rb")
-    except ImportError:
-        raise
-    except Exception as e:  # noqa: BLE001 - local OSErrors, and whatever a remote filesystem raises
-        if _URL_RE.match(shard) and isinstance(e, FileNotFoundError):  # fsspec's http says so for refusals too
-            raise DataError(f"--data: no such file or directory: {shard} (or its server does not answer); check "
-                            "the URL") from None
-        if _URL_RE.match(shard):
-            raise DataError(f"--data: cannot fetch {shard} ({type(e).__name__}: {str(e)[:160]}); check the URL and "
-                            "that the server answers") from None
-        if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
-            raise DataError(f"--data: no such file or directory: {shard}; {_HINT}") from None
-        raise DataError(f"--data: cannot open {shard}: {e}; {_HINT}") from None
-    samples: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
-    seen: set[str] = set()
-    try:
-        with f, tarfile.open(fileobj=f, mode="r:") as tf:  # "r:": compressed tars cannot be seeked into
-            for ti in tf:
-                if not ti.isreg() or os.path.basename(ti.name).startswith("__"):
-                    continue
-                key, ext = base_plus_ext(ti.name)
-                if key is None:
-                    continue
-                ext = ext.lower()
-                if not samples or samples[-1][0] != key:  # webdataset groups consecutive members
-                    if key in seen:
-                        raise DataError(f"--data: key {key!r} appears twice in shard {shard}; rewrite the shard")
-                    seen.add(key)
-                    samples.append((key, {}))
-                if ext in samples[-1][1]:
-                    raise DataError(f"--data: duplicate member {ti.name!r} in shard {shard}; rewrite the shard")
-                samples[-1][1][ext] = ti
-            out = []
-            for key, members in samples:
-                img = next((members[e] for e in WDS_IMAGE_EXTS if e in members), None)
-                lab = next((members[e] for e in WDS_LABEL_EXTS if e in members), None)
-                if img is None or lab is None:
-                    missing = "image (" + "/".join(WDS_IMAGE_EXTS) + ")" if img is None else "label (cls)"
-                    raise DataError(f"--data: sample {key!r} in shard {shard} has no {missing}; fix or remove it")
-                f.seek(lab.offset_data)
-                out.append((key, img.offset_data, img.size, f.read(lab.size)))
-            return out
-    except tarfile.TarError as e:
-        raise DataError(f"--data: {shard} is not an uncompressed tar file ({e}); {_HINT}") from e
-
-
-class WebDatasetSource(ImageSource):
-    kind = "webdataset"
-
-    def __init__(self, spec: str | list[str]):
-        location = spec if isinstance(spec, str) else " ".join(spec)
-        self.shards = expand_shards(spec)
-        if not self.shards:
-            raise DataError(f"--data: no shards in {location!r}; {_HINT}")
-        if any(s.startswith("pipe:") for s in self.shards):
-            raise DataError(f"--data: {location!r}: random access needs seekable shards; "
-                            "give local paths or URLs (s3://, https://, ...)")
-        missing = [s for s in self.shards if not _URL_RE.match(s) and not os.path.exists(s)]
-        if missing:
-            n = f" ({len(missing)} of {len(self.shards)} shards missing)" if len(self.shards) > 1 else ""
-            raise DataError(f"--data: no such file or directory: {missing[0]}{n}; {_HINT}")
-        # Shards are independent; threads overlap the seeks (and round trips for remote shards).
-        with ThreadPoolExecutor(min(16, len(self.shards))) as ex:
-            per_shard = list(ex.map(_index_shard, self.shards))
-        rows, where = [], {}
-        for si, samples in enumerate(per_shard):
-            for key, off, size, raw in samples:
-                if key in where:
-                    raise DataError(f"--data: key {key!r} is in both {self.shards[where[key]]} and "
-                                    f"{self.shards[si]}; remove the duplicate")
-                where[key] = si
-                try:
-                    y = int(raw.decode("utf-8").strip())
-                except (ValueError, UnicodeDecodeError):
-                    y = -1
-                if y < 0:
-                    raise DataError(f"--data: sample {key!r} in shard {self.shards[si]} has label {raw[:20]!r}, "
-                                    "not an integer >= 0; fix it")
-                rows.append((key, y, si, off, size))
-        if not rows:
-            raise DataError(f"--data: no samples in {location!r}; {_HINT}")
-        keys, labels, shard_ids, offsets, sizes = (list(c) for c in zip(*rows))
-        classes = _read_class_map(self.shards[0]) or [str(i) for i in range(max(labels) + 1)]
-        if max(labels) >= len(classes):
-            raise DataError(f"--data: label {max(labels)} but the class map beside {self.shards[0]} has "
-                            f"{len(classes)} classes; fix the class map")
-        # numpy, not lists of tuples: ~20 bytes/sample and no refcount writes that un-share forked worker memory
-        self._shard, self._offset = np.asarray(shard_ids, np.int32), np.asarray(offsets, np.int64)
-        self._size = np.asarray(sizes, np.int64)
-        self._reset_handles()
-        super().__init__(location, keys, labels, classes)
-
-    def _reset_handles(self) -> None:
-        self._pid, self._files, self._lock = os.getpid(), {}, threading.Lock()
-
-    def _handle(self, si: int):
-        if self._pid != os.getpid():  # forked DataLoader worker: the parent's handles/locks are not ours
-            self._reset_handles()
-        with self._lock:
-            h = self._files.get(si)
-            if h is None:
-                s = self.shards[si]
-                h = self._files[si] = fsspec.open(s, "rb").open() if _URL_RE.match(s) else os.open(s, os.O_RDONLY)
-            return h
-
-    def read_bytes(self, i: int) -> bytes:
-        si, off, size = int(self._shard[i]), int(self._offset[i]), int(self._size[i])
-        try:
-            h = self._handle(si)
-            if isinstance(h, int):
-                data = os.pread(h, size, off)  # no shared file position: safe from many threads
-            else:
-                with self._lock:  # seek+read on a shared file object must not interleave
-                    h.seek(off)
-                    data = h.read(size)
-        except OSError as e:
-            raise DataError(f"{self.flag}: cannot read {self.keys[i]!r} from {self.shards[si]}: {e}; "
-                            "check the shard") from e
-        if len(data) != size:
-            raise DataError(f"{self.flag}: shard {self.shards[si]} is shorter than its index; was it rewritten? "
-                            "reopen it")
-        return data
-
-    def _take(self, new: ImageSource, ids: np.ndarray) -> None:
-        new._shard, new._offset, new._size = self._shard[ids], self._offset[ids], self._size[ids]
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        for k in ("_pid", "_files", "_lock"):  # fds, file objects and locks are per process
-            state.pop(k, None)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._reset_handles()
-
-    def close(self) -> None:
-        if self._pid == os.getpid():
-            for h in self._files.values():
-                os.close(h) if isinstance(h, int) else h.close()
-        self._reset_handles()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-
 class LabeledImages(torch.utils.data.Dataset):
     """(transform(image), label) over a source, or over the given indices of it (e.g. one rank's share)."""
 
@@ -357,6 +167,8 @@ def open_source(spec: str | list[str], flag: str = "--data") -> ImageSource:
         if isinstance(spec, str) and os.path.isdir(os.path.expanduser(spec)):
             source = ImageFolderSource(spec)
         else:
+            from .wds import WebDatasetSource
+
             source = WebDatasetSource(spec)
     except DataError as e:
         msg = str(e)
@@ -390,3 +202,62 @@ def find_bad_images(source: ImageSource, workers: int = 0) -> list[int]:
                 out += [i] if b else []
                 bar.update(1)
     return out
+
+
+MATCH_MODES = ("key", "stem", "content")
+
+
+def canonical_key(key: str) -> str:
+    """A sample's name whatever the packaging: the file stem. ImageFolder 'n01440764/n01440764_10026.JPEG' and
+    WebDataset '__key__' 'n01440764_10026' (or 'train/n01440764_10026') are the same sample."""
+    base = key.rsplit("/", 1)[-1]
+    return base.split(".", 1)[0] if "." in base else base
+
+
+def content_hash(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def match_samples(keys: list[str], labels, source: ImageSource, how: str = "key", hashes=None,
+                  workers: int = 8) -> tuple[list[int], str]:
+    """The ids in `source` of the cache's samples (`keys`, `labels`, in cache order), matched by exact key, by
+    file stem (another packaging of the same dataset), or by the sha256 of each image file's bytes (`hashes`, as
+    precompute --content-hash stored them). Refuses when any cached sample is missing, is ambiguous, or has
+    another label. Returns (ids, a one-line report)."""
+    if how not in MATCH_MODES:
+        raise DataError(f"--match {how!r}: use one of {', '.join(MATCH_MODES)}")
+    if how == "content":
+        if hashes is None:
+            raise DataError("--match content needs a cache made with precompute --content-hash (it stores each "
+                            "image file's sha256); use --match stem, or precompute again")
+        with ThreadPoolExecutor(workers) as ex:
+            mine = list(ex.map(lambda i: content_hash(source.read_bytes(i)), range(len(source))))
+        want = [bytes(h) for h in hashes]
+    else:
+        name = (lambda k: k) if how == "key" else canonical_key
+        mine, want = [name(k) for k in source.keys], [name(k) for k in keys]
+    index: dict = {}
+    for i, m in enumerate(mine):
+        index.setdefault(m, []).append(i)
+    ids, missing, ambiguous, relabelled = [], [], [], []
+    for k, w, y in zip(keys, want, labels):
+        found = index.get(w, [])
+        if not found:
+            missing.append(k)
+        elif len(found) > 1:
+            ambiguous.append(k)
+        else:
+            ids.append(found[0])
+            if int(source.labels[found[0]]) != int(y):
+                relabelled.append(k)
+    if missing:
+        raise DataError(f"{source.flag} lacks {len(missing)} of the {len(keys)} samples the cache was made from "
+                        f"(matched by {how}; e.g. {missing[0]!r}); give the dataset the cache was made from")
+    if ambiguous:
+        raise DataError(f"{source.flag}: {len(ambiguous)} cached samples match several images by {how} (e.g. "
+                        f"{ambiguous[0]!r}); match by content, or use the cache's own packaging")
+    if relabelled:
+        raise DataError(f"{source.flag}: {len(relabelled)} matched samples have another label than in the cache "
+                        f"(e.g. {relabelled[0]!r}); the class order differs between the two copies")
+    return ids, f"matched {len(ids)} of {len(keys)} cached samples in {source.flag} by {how} " \
+                f"({len(source) - len(set(ids))} other images unused)"

@@ -96,7 +96,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     results = {"config": asdict(cfg), "teacher_top1": teacher_top1, "runs": runs, "seconds": times,
                "total_seconds": sum(times.values()), "cache_bytes_per_view": sum(a["stored"] for a in cache.bytes_per_view().values()),
-               "views_cached": cache.total_views}
+               "views_cached": cache.num_views}
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     plot_accuracy(results, os.path.join(cfg.out, "accuracy.png"))

@@ -56,12 +56,14 @@ def train_one_epoch(model, criterion: CSKDLoss, loader, optimizer, device: torch
     model.train()
     sums: dict[str, torch.Tensor] = {}
     bad = torch.zeros((), dtype=torch.bool, device=device)
-    seen, t0, alpha = 0, time.time(), alpha_at(0)
+    seen, t0, alpha, drift = 0, time.time(), alpha_at(0), [0, 0.0]
     bar = tqdm(loader, total=len(loader.batch_sampler), desc=f"epoch {epoch}", unit="batch",
                disable=None if show_progress else True)
     for step, batch in enumerate(bar):
         if "error" in batch:
             raise CacheError(batch["error"])
+        if "drift" in batch:
+            drift = [drift[0] + int(batch["drift"][0]), max(drift[1], float(batch["drift"][1]))]
         x = batch["image"].to(device, non_blocking=True)
         target = mixup_target(batch["label"].to(device, non_blocking=True),
                               batch["partner_label"].to(device, non_blocking=True),
@@ -87,7 +89,7 @@ def train_one_epoch(model, criterion: CSKDLoss, loader, optimizer, device: torch
                 raise CacheError(f"the loss is not finite (epoch {epoch}, by step {step}); lower --lr or set "
                                  "--clip-grad")
             bar.set_postfix(loss=f"{float(parts['total']):.3f}", img_s=f"{seen / (time.time() - t0):.0f}")
-    return {"sums": sums, "seen": seen, "seconds": time.time() - t0, "alpha": alpha}
+    return {"sums": sums, "seen": seen, "seconds": time.time() - t0, "alpha": alpha, "drift": drift}
 
 
 @torch.no_grad()

@@ -13,16 +13,20 @@ from __future__ import annotations
 import numpy as np
 
 
-def epoch_views(epoch: int, plan_epochs: int, views_per_epoch: int, global_batch: int, steps: int, block: int,
-                seed: int) -> np.ndarray:
-    """Global view indices (epoch * views_per_epoch + position) of training epoch `epoch`, in step order:
-    step s of rank r takes entries [s * global_batch + r * batch, ... + batch). Length steps * global_batch."""
+def epoch_views(epoch: int, cached_epochs: list[int] | int, views_per_epoch: int, global_batch: int, steps: int,
+                block: int, seed: int, epoch_stride: int | None = None) -> np.ndarray:
+    """Global view indices (cached epoch * epoch_stride + position) of training epoch `epoch`, in step order:
+    step s of rank r takes entries [s * global_batch + r * batch, ... + batch). Length steps * global_batch.
+    `cached_epochs`: the cache's epochs training may read (a count means 0..count-1); a partial copy of a cache
+    holds some of them only."""
     if block < 2 or block % 2 or views_per_epoch % 2 or global_batch % 2:
         raise ValueError("blocks, epochs and batches hold whole mixing pairs (even sizes)")
     if steps * global_batch > views_per_epoch:
         raise ValueError(f"{steps} steps of {global_batch} views exceed the {views_per_epoch} views of an epoch")
-    cycle, cached = divmod(epoch, plan_epochs)
-    first = cached * views_per_epoch
+    held = list(range(cached_epochs)) if isinstance(cached_epochs, int) else list(cached_epochs)
+    cycle, i = divmod(epoch, len(held))
+    cached = held[i]
+    first = cached * (epoch_stride or views_per_epoch)
     n = steps * global_batch
     if cycle == 0:
         return first + np.arange(n, dtype=np.int64)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import queue
+from concurrent.futures import ThreadPoolExecutor
 import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -17,12 +18,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import store
-from .data import find_bad_images, open_source
+from . import store, write
+from .data import content_hash, find_bad_images, open_source
 from .distributed import Dist, init_distributed
 from .encodings import ENCODINGS, make_encoding
 from .errors import CacheError
 from .lock import WriterLock
+from .share import parse_epochs
 from .teacher import create_teacher, resolve_precision
 from .views import PairDataset, Recipe, collate_pairs, pair_items
 
@@ -50,6 +52,8 @@ class PrecomputeConfig:
     overwrite: bool = False
     device: str | None = None
     teacher_precision: str = "auto"  # fp16 autocast on a GPU (official), fp32 on a CPU
+    content_hash: bool = False  # store each image file's sha256: train --match content then finds them anywhere
+    only_epochs: str | None = None  # compute these epochs only ('15-29'): a partial cache, for merging later
     max_shards: int | None = None  # stop after this many shards (for tests of interruption and for budgets)
 
 
@@ -81,7 +85,6 @@ def _existing_manifest(out: str) -> dict | None:
 def build_manifest(cfg: PrecomputeConfig, source, teacher_info: dict, grid, num_classes: int,
                    bad: list[str], encoding) -> dict:
     params = cfg.recipe.plan_params(len(source), cfg.epochs, cfg.seed, cfg.repeats)
-    num_shards = -(-params.total_views // cfg.shard_views)
     return {
         "format": store.FORMAT, "format_version": store.FORMAT_VERSION,
         "teacher": dict(teacher_info, input_size=cfg.recipe.input_size),
@@ -90,9 +93,7 @@ def build_manifest(cfg: PrecomputeConfig, source, teacher_info: dict, grid, num_
         "plan": params.to_dict(),
         "encoding": encoding.describe(),
         "grid": list(grid), "num_classes": num_classes,
-        "layout": {"total_views": params.total_views, "views_per_epoch": params.views_per_epoch,
-                   "chunk_views": cfg.chunk_views, "shard_views": cfg.shard_views, "num_shards": num_shards,
-                   "view_index": "epoch * views_per_epoch + position"},
+        "layout": store.make_layout(params.epochs, params.views_per_epoch, cfg.chunk_views, cfg.shard_views),
         "bad_samples": bad,
     }
 
@@ -108,7 +109,7 @@ class _Writer(threading.Thread):
         while (job := self.jobs.get()) is not None:
             if self.error is None:
                 try:
-                    store.write_shard(self.cache, *job)
+                    write.write_shard(self.cache, *job)
                 except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
                     self.error = e
 
@@ -159,10 +160,11 @@ def precompute(cfg: PrecomputeConfig, dist: Dist | None = None) -> store.Cache:
         cache = store.Cache.open(cfg.out, mode="r+")
         bad = set(cache.manifest["bad_samples"])
         used = source.subset([i for i, k in enumerate(source.keys) if k not in bad]) if bad else source
-        _run_shards(cfg, cache, used, teacher, encoding, dist, device)
+        only = parse_epochs(cfg.only_epochs, cache.plan_params.epochs)
+        _run_shards(cfg, cache, used, teacher, encoding, dist, device, only)
         dist.barrier()
-        if dist.main and cache.done_shards().all():
-            store.finalize(cache)
+        if dist.main and (cache.done_shards().all() or only is not None and set(only) <= set(cache.held_epochs())):
+            write.finalize(cache, only)
         dist.barrier()
     finally:
         if lock is not None:
@@ -191,6 +193,17 @@ def _prepare(cfg: PrecomputeConfig, source, teacher_info: dict, grid, num_classe
     manifest["dataset"] = dict(source.describe(), used_samples=len(used))
     if old is not None and not cfg.overwrite:
         why = store.manifest_mismatch(old, manifest)
+        same_plan = store.without_epochs(store.identity(old)) == store.without_epochs(store.identity(manifest))
+        if why and same_plan and manifest["plan"]["epochs"] > old["plan"]["epochs"]:
+            cache = store.Cache.open(cfg.out, mode="r+")
+            print(f"note: extending {cfg.out} from {old['plan']['epochs']} to {manifest['plan']['epochs']} epochs "
+                  "(the epochs it holds stay as they are)")
+            write.extend_cache(cache, manifest["plan"]["epochs"])
+            return
+        if why and same_plan:
+            raise CacheError(f"--out {cfg.out} holds {old['plan']['epochs']} epochs of this plan; --epochs "
+                             f"{manifest['plan']['epochs']} would drop some: use `cskd-cache pull {cfg.out} NEW "
+                             "--epochs ...` to take a subset, or pass the cache's own --epochs")
         if why and cfg.skip_bad and not old_bad and manifest["bad_samples"] and old.get("status") != "complete":
             # the run that stopped at a bad image, now given --skip-bad: skipping changes the plan, start over
             print(f"note: skipping {len(manifest['bad_samples'])} undecodable images changes the plan; "
@@ -201,29 +214,39 @@ def _prepare(cfg: PrecomputeConfig, source, teacher_info: dict, grid, num_classe
                              "or choose another --out")
         else:
             cache = store.Cache.open(cfg.out, mode="r+")
-            repaired = store.repair_plan(cache)
+            repaired = write.repair_plan(cache)
             if repaired:
                 print(f"note: the stored plan of epochs {repaired} did not match its parameters; rewritten, and "
                       "their shards will be computed again")
             return
-    store.create_cache(cfg.out, manifest, used.keys, used.labels, encoding, cfg.chunk_views, overwrite=overwrite)
+    hashes = None
+    if cfg.content_hash:
+        with ThreadPoolExecutor(max(1, cfg.workers)) as ex:
+            hashes = np.stack([np.frombuffer(h, np.uint8) for h in tqdm(
+                ex.map(lambda i: content_hash(used.read_bytes(i)), range(len(used))), total=len(used),
+                desc="hashing images", unit="img", disable=None)])
+        manifest["dataset"]["content_hashes"] = "sha256 of each image file, samples/sha256"
+    write.create_cache(cfg.out, manifest, used.keys, used.labels, encoding, cfg.chunk_views, overwrite=overwrite,
+                       hashes=hashes)
 
 
-def _run_shards(cfg, cache: store.Cache, source, teacher, encoding, dist: Dist, device) -> None:
+def _run_shards(cfg, cache: store.Cache, source, teacher, encoding, dist: Dist, device, only=None) -> None:
     done = cache.done_shards()
-    mine = [s for s in range(cache.num_shards) if s % dist.world == dist.rank and not done[s]]
+    wanted = range(cache.num_shards) if only is None else sorted({s for e in only for s in cache.epoch_shards(e)})
+    mine = [s for s in wanted if s % dist.world == dist.rank and not done[s]]
     if cfg.max_shards is not None:
         mine = mine[: cfg.max_shards]
-    vpe = cache.views_per_epoch
+    stride = cache.stride
     plan = lru_cache(maxsize=2)(cache.epoch_plan)
     batches, owner = [], []  # each batch lies within one shard and one epoch, always cut the same way
     for s in mine:
         start, stop = cache.shard_range(s)
         for a in range(start, stop, cfg.batch_size):
             b = min(a + cfg.batch_size, stop)
-            cuts = [a, *range((a // vpe + 1) * vpe, b, vpe), b]  # a batch never spans epochs: split at each
+            # a batch never spans epochs (format-1 shards can): split at each boundary
+            cuts = [a, *range((a // stride + 1) * stride, b, stride), b]
             for lo, hi in zip(cuts, cuts[1:]):
-                batches.append(pair_items(plan, np.arange(lo, hi), vpe))
+                batches.append(pair_items(plan, np.arange(lo, hi), stride))
                 owner.append(s)
     loader = torch.utils.data.DataLoader(
         PairDataset(source, cache.recipe), batch_sampler=batches, num_workers=cfg.workers,
@@ -246,7 +269,8 @@ def _run_shards(cfg, cache: store.Cache, source, teacher, encoding, dist: Dist, 
                 x = x.contiguous(memory_format=torch.channels_last)
             dense, glob = teacher(x)  # under the teacher's own precision (autocast inside)
             enc, spill = encoding.encode(dense, glob)
-            parts.append(({k: v.cpu().numpy() for k, v in enc.items()}, batch["fingerprint"].numpy(),
+            replay = {k: batch[k].numpy() for k in cache.replay_names}  # format 1 (resumed): fingerprint only
+            parts.append(({k: v.cpu().numpy() for k, v in enc.items()}, replay,
                           None if spill is None else {k: v.cpu().numpy() for k, v in spill.items()},
                           int(batch["view"][0])))
             bar.update(len(x))
@@ -261,7 +285,7 @@ def _run_shards(cfg, cache: store.Cache, source, teacher, encoding, dist: Dist, 
 def _assemble(cache: store.Cache, shard: int, parts: list) -> tuple:
     start, _ = cache.shard_range(shard)
     arrays = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
-    fps = np.concatenate([p[1] for p in parts])
+    replay = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
     spills = [dict(s, view=s["view"] + (v0 - start)) for _, _, s, v0 in parts if s is not None and len(s["view"])]
     spill = {k: np.concatenate([s[k] for s in spills]) for k in spills[0]} if spills else None
-    return shard, arrays, fps, spill
+    return shard, arrays, replay, spill

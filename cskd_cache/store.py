@@ -17,11 +17,8 @@ So every shard is written by one process in one call, completion is recorded sep
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
-import shutil
-import uuid
 import warnings
 
 import numpy as np
@@ -29,8 +26,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from . import __version__
-from .data import key_bytes, key_str
+from .data import key_str
 from .encodings import Encoding, encoding_from_description
 from .errors import CacheError
 from .plan import EpochPlan, PlanParams, make_epoch_plan
@@ -47,6 +43,16 @@ _NOT_IDENTITY = {"dataset": ("kind", "location"), "recipe": ("library_versions",
                  "teacher": ("checkpoint", "pretrained_tag")}
 
 
+def make_layout(epochs: int, views_per_epoch: int, chunk_views: int, shard_views: int) -> dict:
+    """Where views live. Each epoch has a slot of `epoch_stride` views, a whole number of shards (format 2), so
+    every shard belongs to one epoch: epochs can be copied, pulled, merged and appended shard file by shard file.
+    The padding at the end of a slot is never written (zarr stores no empty chunks), so it costs nothing."""
+    stride = -(-views_per_epoch // shard_views) * shard_views
+    return {"total_views": epochs * stride, "views_per_epoch": views_per_epoch, "epoch_stride": stride,
+            "chunk_views": chunk_views, "shard_views": shard_views, "num_shards": epochs * stride // shard_views,
+            "view_index": "epoch * epoch_stride + position"}
+
+
 def identity(manifest: dict) -> dict:
     """What a cache's numbers depend on: teacher weights and precision, dataset fingerprint, recipe values, plan,
     encoding, layout, grid, classes and skipped samples. Checkpoints record it; resumes compare it."""
@@ -58,6 +64,10 @@ def identity(manifest: dict) -> dict:
         out[key] = json.loads(json.dumps(v, default=str))  # tuples -> lists: compare values, not containers
     return out
 
+# Per-view records of what the teacher saw (checked when a view is replayed): a 64-bit hash of the pixels, and a
+# 48-byte signature that gives a distance (format 2; format-1 caches have the fingerprint only).
+REPLAY = {"fingerprint": ((), "int64"), "signature": ((48,), "int8")}
+
 _PLAN_FIELDS = {"sample": "int64", "seed": "int64", "partner": "int64", "lam": "float32", "mode": "int8",
                 "box": "int16"}
 
@@ -66,19 +76,43 @@ def _codecs():
     return [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec()]
 
 
+def _zarr_url(url: str) -> str:
+    """A single-file `.zarr.zip` (local or remote) is read through fsspec's zip filesystem."""
+    if url.endswith(".zip") and not url.startswith("zip::"):
+        return "zip::" + (url if "://" in url else "file://" + os.path.abspath(url))
+    return url
+
+
 def open_group(url: str, mode: str = "r", storage_options: dict | None = None):
-    """A local path or any fsspec URL (s3://, gs://, http(s)://, memory://, zip via fsspec)."""
+    """A local path or any fsspec URL (s3://, gs://, http(s)://, memory://), or a .zarr.zip (read-only).
+    Credentials and endpoints come from the usual environment variables (AWS_*, GOOGLE_*, ...)."""
+    target = _zarr_url(url)
+    zarr_format = {"zarr_format": 3} if mode == "r" else {}  # do not probe for v2 files (3 requests over HTTP)
+    if target.startswith("zip::") and mode != "r":
+        raise CacheError(f"{url}: a .zarr.zip is read-only; pull it into a folder to write to it")
     try:
-        return zarr.open_group(url, mode=mode, storage_options=storage_options if "://" in url else None)
+        with warnings.catch_warnings():  # zarr notes that consolidated metadata is not in the v3 spec yet
+            warnings.simplefilter("ignore", category=UserWarning)
+            # writers never trust consolidated metadata: it is a snapshot taken at the last finalize
+            kw = zarr_format if mode == "r" else {"use_consolidated": False}
+            return zarr.open_group(target, mode=mode, storage_options=storage_options if "://" in target else None,
+                                   **kw)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as e:
         raise CacheError(f"no cskd-cache at {url} ({type(e).__name__}); check --cache / the path") from None
+    except ImportError as e:  # an fsspec protocol whose package is missing
+        raise CacheError(f"{url}: needs a package that is not installed ({str(e).splitlines()[0][:160]})") from None
+    except Exception as e:  # noqa: BLE001 - remote stores raise their own kinds (HTTP 403, S3 access denied, ...)
+        if "://" not in target:
+            raise
+        raise CacheError(f"cannot read {url} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); check the URL, "
+                         "the server and the credentials") from None
 
 
 def read_manifest(url: str, storage_options: dict | None = None) -> dict | None:
     """The manifest of the cskd-cache at `url` whatever its status, or None if there is no cskd-cache there."""
     try:
-        group = zarr.open_group(url, mode="r", storage_options=storage_options if "://" in url else None)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError):
+        group = open_group(url, "r", storage_options)
+    except (CacheError, ValueError):
         return None
     manifest = group.attrs.get(ATTR)
     return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
@@ -103,12 +137,14 @@ class Cache:
             layout = manifest["layout"]
             self.total_views = int(layout["total_views"])
             self.views_per_epoch = int(layout["views_per_epoch"])
+            self.stride = int(layout.get("epoch_stride", self.views_per_epoch))  # format 1: epochs back to back
             self.shard_views = int(layout["shard_views"])
             self.num_shards = int(layout["num_shards"])
             grid = manifest["grid"]
             self.encoding: Encoding = encoding_from_description(manifest["encoding"], manifest["num_classes"],
                                                                 grid[0] * grid[1])
             self._arrays = {name: group[f"views/{name}"] for name in self.encoding.arrays()}
+            self.replay_names = [n for n in REPLAY if n == "fingerprint" or n in manifest.get("replay", [])]
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise CacheError(f"{url}: the manifest is damaged or inconsistent ({type(e).__name__}: {e}); the cache "
                              "cannot be read") from None
@@ -118,9 +154,42 @@ class Cache:
         return cls(open_group(url, mode, storage_options), url)
 
     # -- completeness -------------------------------------------------------------------------------
+    @property
+    def num_views(self) -> int:
+        """Real views (epochs x views per epoch); `total_views` also counts the padding of epoch slots."""
+        return self.plan_params.epochs * self.views_per_epoch
+
+    @property
+    def epoch_aligned(self) -> bool:
+        """Every shard lies within one epoch (format 2); format-1 shards may span two."""
+        return self.stride % self.shard_views == 0
+
     def shard_range(self, shard: int) -> tuple[int, int]:
+        """The views a shard holds: its slice of the view axis, less the padding at the end of an epoch slot."""
         start = shard * self.shard_views
-        return start, min(start + self.shard_views, self.total_views)
+        stop = min(start + self.shard_views, self.total_views)
+        if self.stride > self.views_per_epoch:
+            stop = min(stop, (start // self.stride) * self.stride + self.views_per_epoch)
+        return start, stop
+
+    def epoch_shards(self, epoch: int) -> range:
+        first = epoch * self.stride
+        return range(first // self.shard_views, (first + self.views_per_epoch - 1) // self.shard_views + 1)
+
+    def held_epochs(self) -> list[int]:
+        """Epochs whose shards are all written by this cache's run: what a (partial) copy can train from."""
+        done = self.done_shards()
+        return [e for e in range(self.plan_params.epochs) if all(done[s] for s in self.epoch_shards(e))]
+
+    @property
+    def usable_epochs(self) -> list[int]:
+        """Epochs training may read: all of a complete cache, the held ones of a partial copy, none otherwise."""
+        status = self.manifest.get("status")
+        if status == "complete":
+            return list(range(self.plan_params.epochs)) if bool(self.done_shards().all()) else []
+        if status == "partial":
+            return self.held_epochs()
+        return []
 
     @property
     def run_marker(self) -> int:
@@ -128,12 +197,29 @@ class Cache:
         return run_marker(self.manifest)
 
     def shard_markers(self) -> np.ndarray:
+        """Every shard's marker. A finished cache keeps a copy of them all in one chunk (`views/shard_run`,
+        written at finalize): one read instead of one per shard, which matters over HTTP. While a cache is being
+        written, each shard's own marker (one file each: its owner writes it alone) is the truth."""
+        finished = self.manifest.get("status") in ("complete", "partial")
+        if finished and "shard_run" in self._view_names():
+            return np.asarray(self.group["views/shard_run"][:]).astype(np.int64)
         return np.asarray(self.group["views/shard_done"][:]).astype(np.int64)
+
+    def _view_names(self) -> set[str]:
+        if not hasattr(self, "_views_cache"):
+            self._views_cache = set(self.group["views"].array_keys())
+        return self._views_cache
 
     def done_shards(self) -> np.ndarray:
         """Shards written completely by this cache's own run. A marker left by another run (a second writer,
-        an older cache at the same path) does not count."""
-        return self.shard_markers() == self.run_marker
+        an older cache at the same path) does not count; a partial copy holds only the shards of its epochs."""
+        done = self.shard_markers() == self.run_marker
+        if self.manifest.get("status") == "partial":
+            held = np.zeros_like(done)
+            for e in self.manifest.get("epochs_held", []):
+                held[list(self.epoch_shards(e))] = True
+            done &= held
+        return done
 
     def foreign_shards(self) -> np.ndarray:
         markers = self.shard_markers()
@@ -143,7 +229,7 @@ class Cache:
         """Where the manifest and the arrays it describes disagree (shapes, dtypes, sample and plan sizes)."""
         m, problems = self.manifest, []
         want = {f"views/{k}": ((self.total_views, *v.shape), v.dtype) for k, v in self.encoding.arrays().items()}
-        want["views/fingerprint"] = ((self.total_views,), "int64")
+        want.update({f"views/{k}": ((self.total_views, *REPLAY[k][0]), REPLAY[k][1]) for k in self.replay_names})
         want["views/shard_done"] = ((self.num_shards,), None)
         E, V = self.plan_params.epochs, self.views_per_epoch
         want.update({f"plan/{f}": ((E, V, 4) if f == "box" else (E, V), None) for f in _PLAN_FIELDS})
@@ -158,8 +244,8 @@ class Cache:
             if tuple(a.shape) != tuple(shape) or (dtype is not None and str(a.dtype) != dtype):
                 problems.append(f"{name}: shape {tuple(a.shape)} {a.dtype}, the manifest says {tuple(shape)} "
                                 f"{dtype or ''}".rstrip())
-        if self.plan_params.num_samples != n or V != self.plan_params.views_per_epoch or \
-                E * V != self.total_views or -(-self.total_views // self.shard_views) != self.num_shards:
+        if self.plan_params.num_samples != n or V != self.plan_params.views_per_epoch or self.stride < V or \
+                E * self.stride != self.total_views or -(-self.total_views // self.shard_views) != self.num_shards:
             problems.append(f"layout: {self.total_views} views in {self.num_shards} shards do not match a plan of "
                             f"{E} epochs x {self.plan_params.views_per_epoch} views over {n} samples")
         return problems
@@ -169,7 +255,7 @@ class Cache:
         from zarr.core.sync import sync
 
         missing = []
-        for name in ["views/fingerprint", *(f"views/{k}" for k in self.encoding.arrays())]:
+        for name in (f"views/{k}" for k in self.view_names):
             arr = self.group[name]
             key = f"{arr.path}/{arr.metadata.encode_chunk_key((shard,) + (0,) * (len(arr.shape) - 1))}"
             if not sync(self.group.store.exists(key)):
@@ -184,6 +270,11 @@ class Cache:
     def sample_keys(self) -> list[str]:
         raw = np.asarray(self.group["samples/key"][:])
         return [key_str(bytes(r).rstrip(b"\0")) for r in raw]
+
+    def sample_hashes(self) -> np.ndarray | None:
+        """sha256 of each sample's image file, [N, 32] uint8, when precompute ran with --content-hash."""
+        return np.asarray(self.group["samples/sha256"][:]) if "sha256" in self.group["samples"].array_keys() \
+            else None
 
     def sample_labels(self) -> np.ndarray:
         return np.asarray(self.group["samples/label"][:]).astype(np.int64)
@@ -214,14 +305,22 @@ class Cache:
                              "the precompute command again to repair it")
         return self.stored_plan(epoch)
 
+    @property
+    def view_names(self) -> list[str]:
+        """Every array along the view axis: the replay records and the encoded teacher outputs."""
+        return [*self.replay_names, *self.encoding.arrays()]
+
+    def read_replay(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        return {n: np.asarray(self.group[f"views/{n}"][start:stop]) for n in self.replay_names}
+
     def read_views(self, start: int, stop: int) -> tuple[dict[str, np.ndarray], dict | None]:
         """Encoded teacher outputs of views [start, stop) (contiguous reads: fast on sharded arrays)."""
         arrays = {name: np.asarray(arr[start:stop]) for name, arr in self._arrays.items()}
         return arrays, self._read_spill(start, stop)
 
-    def gather(self, views: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, dict | None]:
-        """Encoded outputs, fingerprints and spill rows (views counted in the given order) of any views.
-        Reads each contiguous run once (a training batch is a few runs of whole chunks)."""
+    def gather(self, views: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict | None]:
+        """Encoded outputs, replay records (fingerprint, signature) and spill rows (views counted in the given
+        order) of any views. Reads each contiguous run once (a training batch is a few runs of whole chunks)."""
         views = np.asarray(views, dtype=np.int64)
         order = np.argsort(views, kind="stable")
         sv = views[order]
@@ -231,20 +330,20 @@ class Cache:
             a, b = int(sv[run[0]]), int(sv[run[-1]]) + 1
             arrays, spill = self.read_views(a, b)
             parts.append(arrays)
-            fps.append(self.read_fingerprints(a, b))
+            fps.append(self.read_replay(a, b))
             if spill is not None:
                 spills.append(dict(spill, view=spill["view"] + (a - int(sv[0]))))
         inv = np.empty_like(order)
         inv[order] = np.arange(len(order))  # position in the request of each sorted view
         arrays = {k: np.concatenate([p[k] for p in parts])[inv] for k in parts[0]}
-        fingerprints = np.concatenate(fps)[inv]
+        replay = {k: np.concatenate([p[k] for p in fps])[inv] for k in fps[0]}
         spill = None
         if spills:
             spill = {k: np.concatenate([s[k] for s in spills]) for k in spills[0]}
             # spill views are offsets from sv[0] in sorted order; map them to request positions
             rank = np.searchsorted(sv, spill["view"] + int(sv[0]))
             spill["view"] = order[rank]
-        return arrays, fingerprints, spill
+        return arrays, replay, spill
 
     def read_fingerprints(self, start: int, stop: int) -> np.ndarray:
         return np.asarray(self.group["views/fingerprint"][start:stop])
@@ -265,16 +364,30 @@ class Cache:
         return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
 
     def bytes_per_view(self) -> dict:
-        """Stored (compressed) bytes per view, per array, from the files' sizes."""
+        """Stored (compressed) bytes per view, per array: recorded at finalize (a web server cannot list folders),
+        else from the files' sizes."""
+        recorded = self.manifest.get("stored_bytes", {})
         out = {}
         for name, arr in self._arrays.items():
-            stored = arr.nbytes_stored() if callable(getattr(arr, "nbytes_stored", None)) else None
-            out[name] = {"stored": (stored or 0) / max(self.total_views, 1),
+            stored = recorded.get(name)
+            if stored is None:
+                stored = arr.nbytes_stored() if callable(getattr(arr, "nbytes_stored", None)) else 0
+            out[name] = {"stored": stored / max(self.num_views, 1),  # real views, not the padded slots
                          "raw": arr.nbytes / max(self.total_views, 1)}
         return out
 
 
-# -- creating and writing -------------------------------------------------------------------------
+def without_epochs(ident: dict) -> dict:
+    """An identity less what depends on the number of epochs: caches that agree on this are the same plan, and
+    can be extended, subset and merged."""
+    ident = json.loads(json.dumps(ident))
+    ident["plan"].pop("epochs", None)
+    for k in ("total_views", "num_shards"):
+        ident["layout"].pop(k, None)
+    return ident
+
+
+
 def manifest_mismatch(old: dict, new: dict) -> str | None:
     """The first identity section that differs, described for a one-line error, or None."""
     ia, ib = identity(old), identity(new)
@@ -302,162 +415,18 @@ def manifest_mismatch(old: dict, new: dict) -> str | None:
     return None
 
 
+
 def run_marker(manifest: dict) -> int:
     """The 63-bit number a run writes into `views/shard_done` when a shard is done: from its run id."""
     run_id = manifest.get("run_id")
     return 1 if run_id is None else int(run_id[:15], 16) | 1  # | 1: never 0, the fill value
 
 
+
 def _local_root(url: str) -> str | None:
     if "://" in url and not url.startswith("file://"):
         return None
     return url.removeprefix("file://")
-
-
-def remove_cache(url: str) -> None:
-    """Delete a cache that is ours. Locally the folder is first renamed aside (one atomic step), so an interrupted
-    delete leaves `PATH.deleting-*`, never a half-deleted cache at PATH that no longer looks like one."""
-    root = _local_root(url)
-    if root is None:
-        zarr.open_group(url, mode="w")  # remote: zarr's own delete
-        return
-    if not os.path.exists(root):
-        return
-    aside = f"{root.rstrip('/')}.deleting-{uuid.uuid4().hex[:8]}"
-    os.rename(root, aside)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def create_cache(url: str, manifest: dict, keys: list[str], labels: list[int], encoding: Encoding,
-                 chunk_views: int, overwrite: bool) -> Cache:
-    """Create the group, all arrays, the samples and the whole plan; only then mark it 'incomplete' (ready for
-    shards). Until that last write the manifest says 'creating': recognisably ours, never usable, and redone
-    from scratch by the next run. Nothing that marks a cache usable is written before the plan it depends on.
-    Each creation gets a run id; shard markers carry it, so shards another run wrote never count as done."""
-    manifest = dict(manifest, status="creating", created=_dt.datetime.now(_dt.timezone.utc).isoformat(),
-                    tool_version=__version__, spill_shards=[], run_id=uuid.uuid4().hex)
-    if overwrite:
-        remove_cache(url)
-    # one write of zarr.json that already carries the manifest: there is no moment where it is a bare group
-    group = zarr.create_group(url, overwrite=False, attributes={ATTR: manifest})
-    total = manifest["layout"]["total_views"]
-    shard_views = manifest["layout"]["shard_views"]
-    raw = [key_bytes(k) for k in keys]
-    encoded = np.zeros((len(keys), max(1, max(len(b) for b in raw))), dtype=np.uint8)
-    for i, b in enumerate(raw):
-        encoded[i, : len(b)] = np.frombuffer(b, dtype=np.uint8)
-    _write_array(group, "samples/key", encoded, chunks=(min(65536, len(keys)), encoded.shape[1]))
-    _write_array(group, "samples/label", np.asarray(labels, dtype=np.int32), chunks=(min(1 << 20, len(keys)),))
-    epochs, vpe = manifest["plan"]["epochs"], manifest["layout"]["views_per_epoch"]
-    for f, dt in _PLAN_FIELDS.items():
-        shape = (epochs, vpe, 4) if f == "box" else (epochs, vpe)
-        group.create_array(f"plan/{f}", shape=shape, chunks=(1,) + shape[1:], dtype=dt, fill_value=0,
-                           compressors=_codecs())
-    group.create_array("views/fingerprint", shape=(total,), chunks=(chunk_views,), shards=(shard_views,),
-                       dtype="int64", fill_value=0, compressors=_codecs())
-    for name, spec in encoding.arrays().items():
-        group.create_array(f"views/{name}", shape=(total,) + tuple(spec.shape),
-                           chunks=(chunk_views,) + tuple(spec.shape), shards=(shard_views,) + tuple(spec.shape),
-                           dtype=spec.dtype, fill_value=spec.fill, compressors=_codecs())
-    group.create_array("views/shard_done", shape=(manifest["layout"]["num_shards"],), chunks=(1,), dtype="int64",
-                       fill_value=0)
-    params = PlanParams(**manifest["plan"])
-    for e in range(params.epochs):
-        write_epoch_plan(group, e, make_epoch_plan(params, e))
-    group.attrs[ATTR] = dict(manifest, status="incomplete")
-    return Cache(group, url)
-
-
-def _write_array(group, name: str, data: np.ndarray, chunks) -> None:
-    arr = group.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype, fill_value=0,
-                             compressors=_codecs())
-    arr[...] = data
-
-
-def write_epoch_plan(group: zarr.Group, epoch: int, plan: EpochPlan) -> None:
-    for f in _PLAN_FIELDS:
-        group[f"plan/{f}"][epoch] = getattr(plan, f)
-
-
-def repair_plan(cache: Cache) -> list[int]:
-    """Rewrite every epoch whose stored plan differs from its parameters, and mark that epoch's shards undone
-    (outputs computed on a wrong plan belong to other images). Returns the epochs repaired."""
-    bad = [e for e in range(cache.plan_params.epochs) if not cache.plan_ok(e)]
-    vpe = cache.views_per_epoch
-    for e in bad:
-        write_epoch_plan(cache.group, e, make_epoch_plan(cache.plan_params, e))
-        first, last = e * vpe // cache.shard_views, ((e + 1) * vpe - 1) // cache.shard_views
-        for s in range(first, last + 1):
-            cache.group["views/shard_done"][s] = 0
-    return bad
-
-
-def _fsync_shard(cache: Cache, shard: int, names: list[str]) -> None:
-    """Flush a shard's files to disk before its marker says it is done (zarr writes atomically, not durably).
-    Local stores only: an object store's PUT is durable when it returns."""
-    root = _local_root(cache.url)
-    if root is None:
-        return
-    dirs = set()
-    for name in names:
-        arr = cache.group[name]
-        coords = (shard,) + (0,) * (len(arr.shape) - 1)
-        path = os.path.join(root, arr.path, arr.metadata.encode_chunk_key(coords))
-        if os.path.exists(path):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            dirs.add(os.path.dirname(path))
-    for d in dirs:  # the renames that made the files appear
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_shard(cache: Cache, shard: int, arrays: dict[str, np.ndarray], fingerprints: np.ndarray,
-                spill: dict[str, np.ndarray] | None) -> None:
-    """Write one whole shard (one call per array), then its completion marker. Only its owner calls this."""
-    start, stop = cache.shard_range(shard)
-    stale = f"spill/s{shard:06d}"
-    if stale in cache.group:  # rows of an earlier attempt (another device can round differently)
-        del cache.group[stale]
-    if spill is not None and len(spill["view"]):
-        g = cache.group.require_group(f"spill/s{shard:06d}")
-        for k, v in spill.items():
-            v = np.asarray(v)
-            if k == "view":
-                v = v + start  # stored as global view indices
-            a = g.create_array(k, shape=v.shape, chunks=v.shape, dtype=v.dtype, fill_value=0,
-                               compressors=_codecs(), overwrite=True)
-            a[...] = v
-    for name, data in arrays.items():
-        cache.group[f"views/{name}"][start:stop] = data
-    cache.group["views/fingerprint"][start:stop] = fingerprints
-    _fsync_shard(cache, shard, [f"views/{name}" for name in arrays] + ["views/fingerprint"])
-    cache.group["views/shard_done"][shard] = cache.run_marker
-    _fsync_shard(cache, shard, ["views/shard_done"])
-
-
-def finalize(cache: Cache) -> None:
-    """Mark the cache complete once every shard is done; record spill shards; consolidate metadata for HTTP."""
-    done = cache.done_shards()
-    if not done.all():
-        raise CacheError(f"{cache.url}: {int((~done).sum())} of {len(done)} shards are missing; run the same "
-                         "command again to finish them")
-    latest = read_manifest(cache.url)
-    if latest is None or latest.get("run_id") != cache.manifest.get("run_id"):  # replaced under our feet
-        raise CacheError(f"{cache.url} was replaced by another run while this one wrote it; it was not finalised")
-    spill = sorted(int(name[1:]) for name in cache.group["spill"].group_keys()) if "spill" in cache.group else []
-    cache.manifest = dict(cache.manifest, status="complete", spill_shards=spill,
-                          completed=_dt.datetime.now(_dt.timezone.utc).isoformat())
-    cache.group.attrs[ATTR] = cache.manifest
-    with warnings.catch_warnings():  # consolidated metadata is how HTTP readers (no listing) find the arrays
-        warnings.simplefilter("ignore")
-        zarr.consolidate_metadata(cache.group.store)
 
 
 def to_torch(arrays: dict[str, np.ndarray], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

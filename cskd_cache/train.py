@@ -19,7 +19,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
 from . import store
-from .data import LabeledImages, open_source
+from .data import LabeledImages, match_samples, open_source
 from .distributed import Dist, init_distributed
 from .encodings import make_encoding
 from .engine import TeacherTargets, evaluate, train_one_epoch
@@ -73,6 +73,8 @@ class TrainConfig:
     max_steps: int | None = None  # per epoch, for quick runs
     stop_after: int | None = None  # stop (resumably) once this many epochs are done: budgets, resume tests
     input_size: int | None = None  # no cache: the view size (default 224); a cache brings its own recipe
+    match: str = "key"  # how --data's images are matched to the cache's samples: key | stem | content
+    replay_tolerance: float = 0.05  # largest signature distance a replayed view may drift by (0: strict)
 
 
 @dataclass
@@ -85,8 +87,9 @@ class Run:
     source: object
     recipe: Recipe
     plan: object  # epoch -> EpochPlan
-    plan_epochs: int
+    plan_epochs: list  # the cached epochs training reads, cycled
     views_per_epoch: int
+    stride: int  # views per epoch slot in the cache (epoch * stride + position)
     block: int  # views per block when a cycle reorders the cache (its chunk size)
     num_classes: int
     student: torch.nn.Module
@@ -110,12 +113,12 @@ def _check_cache(cfg: TrainConfig, cache: Cache, source) -> None:
     if problems:
         raise CacheError(f"--cache {cfg.cache} does not match its own manifest ({problems[0]}); it is damaged: run "
                          f"`cskd-cache verify {cfg.cache}`")
-    if not cache.complete:
+    if not cache.usable_epochs:
         foreign = cache.foreign_shards()
         why = f" ({len(foreign)} shards were written by another run)" if len(foreign) else ""
         raise CacheError(f"--cache {cfg.cache} is incomplete{why}; finish it with the same precompute command")
     fp = source.fingerprint()
-    if m["dataset"]["fingerprint"] != fp and not cfg.force:
+    if cfg.match == "key" and m["dataset"]["fingerprint"] != fp and not cfg.force:
         raise CacheError(f"--cache {cfg.cache} was made from another dataset (fingerprint "
                          f"{m['dataset']['fingerprint'][:12]} vs --data {fp[:12]}); pass --force to use it anyway")
     if max(source.labels) >= m["num_classes"] and not cfg.force:
@@ -126,7 +129,8 @@ def _check_cache(cfg: TrainConfig, cache: Cache, source) -> None:
 # Flags that may change between a run and its --resume: they do not alter what is computed (data and cache may
 # move; their identity is checked by fingerprint).
 # --epochs may grow (training extended: the cosine and alpha schedules stretch from the resumed epoch on).
-_RESUME_FREE = {"workers", "device", "resume", "force", "data", "cache", "val_data", "epochs", "stop_after"}
+_RESUME_FREE = {"workers", "device", "resume", "force", "data", "cache", "val_data", "epochs", "stop_after", "match",
+                "replay_tolerance"}
 
 
 def _check_resume(cfg: TrainConfig, saved: dict, path: str) -> None:
@@ -172,6 +176,8 @@ def _check_flags(cfg: TrainConfig) -> None:
                     ("--workers", cfg.workers)):
         if v < 0:
             raise CacheError(f"{flag} must be >= 0, got {v}")
+    if cfg.replay_tolerance < 0:
+        raise CacheError(f"--replay-tolerance must be >= 0, got {cfg.replay_tolerance}")
     if not 0.0 <= cfg.drop_path <= 1.0 or not 0.0 <= cfg.ema_decay <= 1.0:
         raise CacheError("--drop-path and --ema-decay must be between 0 and 1")
     if cfg.input_size is not None and cfg.input_size < 16:
@@ -189,26 +195,26 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
     val = _val_loader(cfg, recipe_of(cache, cfg), dist) if cfg.val_data else None  # fail early on a bad path
     if cache is not None:
         _check_cache(cfg, cache, source)
-        index = {k: i for i, k in enumerate(source.keys)}
-        keys = cache.sample_keys()
-        missing = [k for k in keys if k not in index]
-        if missing:  # --force cannot help: the cached views were made from images --data does not have
-            raise CacheError(f"--data lacks {len(missing)} of the {len(keys)} images --cache {cfg.cache} was made "
-                             f"from (e.g. {missing[0]!r}); train on the data the cache was made from")
-        source = source.subset([index[k] for k in keys])
+        # --force cannot help a missing sample: the cached views were made from images --data does not have
+        ids, report = match_samples(cache.sample_keys(), cache.sample_labels(), source, cfg.match,
+                                    cache.sample_hashes() if cfg.match == "content" else None)
+        if dist.main and cfg.match != "key":
+            print(report)
+        source = source.subset(ids)
         recipe = recipe_of(cache, cfg)
         if cfg.input_size is not None and cfg.input_size != recipe.input_size:
             raise CacheError(f"--input-size {cfg.input_size} does not fit --cache {cfg.cache}, whose views are "
                              f"{recipe.input_size} px; drop --input-size, or precompute a cache at "
                              f"{cfg.input_size} px")
         num_classes, grid, encoding = cache.manifest["num_classes"], tuple(cache.manifest["grid"]), cache.encoding
-        plan, plan_epochs, vpe = cache.epoch_plan, cache.plan_params.epochs, cache.views_per_epoch
+        plan, plan_epochs, vpe, stride = cache.epoch_plan, cache.usable_epochs, cache.views_per_epoch, cache.stride
         block, identity = cache.manifest["layout"]["chunk_views"], store.identity(cache.manifest)
     else:
         recipe = recipe_of(cache, cfg)
         num_classes = len(source.classes)
         params = recipe.plan_params(len(source), cfg.plan_epochs or cfg.epochs, cfg.seed, cfg.repeats)
-        plan, plan_epochs, vpe = (lambda e: make_epoch_plan(params, e)), params.epochs, params.views_per_epoch
+        plan, vpe = (lambda e: make_epoch_plan(params, e)), params.views_per_epoch
+        plan_epochs, stride = list(range(params.epochs)), vpe
         grid, encoding, block = None, None, 64
         # plan epochs follow --epochs, which a resume may extend; an epoch's plan does not depend on their count
         identity = {"plan": {k: v for k, v in params.to_dict().items() if k != "epochs"},
@@ -264,7 +270,8 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
     if steps == 0:
         raise CacheError(f"--batch-size {cfg.batch_size} x {dist.world} processes exceeds the {vpe} views of an epoch")
     run = Run(cfg=cfg, dist=dist, device=device, source=source, recipe=recipe, plan=lru_cache(maxsize=2)(plan),
-              plan_epochs=plan_epochs, views_per_epoch=vpe, block=block, num_classes=num_classes, student=student,
+              plan_epochs=plan_epochs, views_per_epoch=vpe, stride=stride, block=block, num_classes=num_classes,
+              student=student,
               model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, criterion=criterion,
               targets=TeacherTargets(encoding, criterion.needs, teacher), identity=identity,
               cache_url=cfg.cache if cfg.teacher_source == "cache" else None,
@@ -313,9 +320,10 @@ def train(cfg: TrainConfig, dist: Dist | None = None) -> list[dict]:
     dist = dist or init_distributed()
     run = setup(cfg, dist)
     os.makedirs(cfg.out, exist_ok=True)
-    reuse = reuse_factor(cfg.epochs, run.plan_epochs)
+    reuse = reuse_factor(cfg.epochs, len(run.plan_epochs))
     if dist.main and run.start_epoch < cfg.epochs:
-        print(f"views: {run.plan_epochs} augmented epochs of {run.views_per_epoch} views for {cfg.epochs} training "
+        print(f"views: {len(run.plan_epochs)} augmented epochs of {run.views_per_epoch} views for {cfg.epochs} "
+              "training "
               f"epochs of {run.steps} steps x {cfg.batch_size * dist.world}: each view used {reuse:g} times"
               + (" (the official condition is 1: fresh views every epoch)" if reuse > 1 else ""))
     dataset = PairDataset(run.source, run.recipe)
@@ -347,9 +355,10 @@ def _one_epoch(run: Run, dataset: PairDataset, epoch: int) -> dict:
     # what an uninterrupted one would, on every rank, without saving generator states.
     torch.manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, dist.rank]).generate_state(1)[0]))
     views = epoch_views(epoch, run.plan_epochs, run.views_per_epoch, cfg.batch_size * dist.world, run.steps,
-                        run.block, cfg.seed)
-    batches = RankBatches(run.plan, views, run.views_per_epoch, cfg.batch_size, dist.rank, dist.world)
-    loader = epoch_loader(dataset, batches, run.cache_url, cfg.workers, run.device.type == "cuda")
+                        run.block, cfg.seed, run.stride)
+    batches = RankBatches(run.plan, views, run.stride, cfg.batch_size, dist.rank, dist.world)
+    loader = epoch_loader(dataset, batches, run.cache_url, cfg.workers, run.device.type == "cuda",
+                          cfg.replay_tolerance)
     per_step = lambda step: alpha_at(epoch, step, run.steps, cfg.epochs, cfg.alpha_schedule, cfg.alpha_per_step)
     stats = train_one_epoch(run.model, run.criterion, loader, run.optimizer, run.device, epoch,
                             targets=run.targets, alpha_at=per_step, num_classes=run.num_classes,
@@ -362,9 +371,14 @@ def _one_epoch(run: Run, dataset: PairDataset, epoch: int) -> dict:
         torch.distributed.all_reduce(totals)
     totals = totals.tolist()  # the epoch's one read of the loss sums
     seen = int(totals[0])
+    drifted, far = stats["drift"]
+    if drifted and dist.main:
+        print(f"warning: {drifted} replayed views of epoch {epoch} differ slightly from the pixels the teacher saw "
+              f"(at most {far:.3f}, within --replay-tolerance {cfg.replay_tolerance}); another library version?")
     return {"epoch": epoch, "alpha": stats["alpha"], "lr": run.optimizer.param_groups[0]["lr"],
             "img_per_s": seen / stats["seconds"], "teacher_source": cfg.teacher_source,
-            "cached_epoch": epoch % run.plan_epochs, "cycle": epoch // run.plan_epochs,
+            "cached_epoch": run.plan_epochs[epoch % len(run.plan_epochs)], "cycle": epoch // len(run.plan_epochs),
+            "replay_drifted": drifted,
             **{f"train_{k}": v / max(seen, 1) for k, v in zip(names, totals[1:])}}
 
 

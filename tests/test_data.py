@@ -12,7 +12,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from cskd_cache.data import ImageFolderSource, WebDatasetSource, find_bad_images, open_source
+from cskd_cache.data import ImageFolderSource, find_bad_images, open_source
+from cskd_cache.wds import WebDatasetSource
 from cskd_cache.errors import BadImageError, DataError
 
 CLASSES = ["cat", "dog", "eel"]

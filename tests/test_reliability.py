@@ -95,15 +95,19 @@ def test_shards_of_another_run_never_count(tmp_path, image_folder, teacher_check
     makes the shard undone, verify names it, and precompute computes it again."""
     out = tmp_path / "c.zarr"
     args = precompute_args(image_folder, out, teacher_checkpoint, "--epochs", "2")
-    assert run_cli(*args)[0] == 0
+    assert run_cli(*args, "--max-shards", "4")[0] == 0  # being written: shards 0-3 done
     group = zarr.open_group(str(out), mode="r+")
     group["views/shard_done"][2] = 12345  # a stranger's marker
     cache = Cache.open(str(out))
-    assert not cache.complete and cache.foreign_shards().tolist() == [2]
+    assert cache.foreign_shards().tolist() == [2] and cache.done_shards().tolist()[:4] == [True, True, False, True]
     code, text = run_cli("verify", out)
     assert code == 1 and "written by another run" in text
     code, text = run_cli(*args)
     assert code == 0 and Cache.open(str(out)).complete
+    # a finished cache reads all markers from its snapshot (one read): a foreign one there counts as undone too
+    group = zarr.open_group(str(out), mode="r+")
+    group["views/shard_run"][1] = 777
+    assert not Cache.open(str(out)).complete and Cache.open(str(out)).foreign_shards().tolist() == [1]
 
 
 def test_an_interrupted_overwrite_never_leaves_a_cache_that_blocks(tmp_path, image_folder, teacher_checkpoint,
@@ -223,7 +227,7 @@ def test_val_data_is_named_as_val_data(tmp_path, image_folder):
 
 def test_a_redone_shard_keeps_no_stale_spill_and_is_flushed_before_its_marker(tmp_path, image_folder,
                                                                                teacher_checkpoint, monkeypatch):
-    from cskd_cache import store
+    from cskd_cache import write
 
     out = tmp_path / "c.zarr"
     assert run_cli(*precompute_args(image_folder, out, teacher_checkpoint, "--max-shards", "1"))[0] == 0
@@ -231,11 +235,11 @@ def test_a_redone_shard_keeps_no_stale_spill_and_is_flushed_before_its_marker(tm
     s = 0
     a, b = cache.shard_range(s)
     arrays, _ = cache.read_views(a, b)
-    fps = cache.read_fingerprints(a, b)
+    fps = cache.read_replay(a, b)
     P = cache.encoding.positions
     fake = {"view": np.array([1]), "pos": np.array([0]), "dense": np.zeros((1, NUM_CLASSES), np.float16),
             "global": np.zeros((1, NUM_CLASSES), np.float32)}
-    store.write_shard(cache, s, arrays, fps, fake)  # a first attempt that spilled (on another device, say)
+    write.write_shard(cache, s, arrays, fps, fake)  # a first attempt that spilled (on another device, say)
     assert f"spill/s{s:06d}" in zarr.open_group(str(out), mode="r") and P == 4
     events = []
     real_fsync = os.fsync
@@ -249,7 +253,7 @@ def test_a_redone_shard_keeps_no_stale_spill_and_is_flushed_before_its_marker(tm
         return real_set(self, key, value)
 
     monkeypatch.setattr(zarr.Array, "__setitem__", spy)
-    store.write_shard(cache, s, arrays, fps, None)  # redone, and this time nothing spilled
+    write.write_shard(cache, s, arrays, fps, None)  # redone, and this time nothing spilled
     assert f"spill/s{s:06d}" not in zarr.open_group(str(out), mode="r")
     marker = events.index(("marker", None))
     flushed = [p for kind, p in events[:marker] if kind == "fsync"]
