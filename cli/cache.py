@@ -57,6 +57,8 @@ def precompute(
     teacher_precision: Precision = typer.Option("auto", case_sensitive=False,
                                           help="Teacher forward: auto (fp16 autocast on a GPU, as the official "
                                                "code; fp32 on a CPU) | fp32 | fp16 | bf16."),
+    compile: bool = typer.Option(False, help="torch.compile the teacher: pays off on a GPU over a long run (on a "
+                                             "CPU, compiling costs more than it saves)."),
     content_hash: bool = typer.Option(False, help="Store each image file's sha256, so that train --match content "
                                                   "finds the images in any other packaging."),
     only_epochs: Optional[str] = typer.Option(None, help="Compute only these epochs (e.g. 15-29): a partial cache, "
@@ -78,7 +80,7 @@ def precompute(
                            ckf_width=ckf_width, topk=topk, global_topk=global_topk, repeats=repeats, seed=seed,
                            recipe=recipe, batch_size=batch_size, workers=workers, chunk_views=chunk_views,
                            shard_views=shard_views, skip_bad=skip_bad, overwrite=overwrite, device=device,
-                           teacher_precision=teacher_precision, content_hash=content_hash,
+                           teacher_precision=teacher_precision, content_hash=content_hash, compile=compile,
                            only_epochs=only_epochs, max_shards=max_shards)
     dist = init_distributed()
     cache = run(cfg, dist)

@@ -60,6 +60,8 @@ def train(
     resume: bool = typer.Option(False, help="Continue the run in --out (same flags; --epochs may grow)."),
     force: bool = typer.Option(False, help="Use a cache that does not fit --data (knowingly)."),
     match: Match = typer.Option("key", case_sensitive=False, help=MATCH_HELP),
+    compile: bool = typer.Option(False, help="torch.compile the student's training forward: pays off on a GPU over "
+                                             "a long run (on a CPU, compiling costs more than it saves)."),
     replay_tolerance: float = typer.Option(0.05, min=0.0, help="Largest drift of a replayed view's signature from "
                                                               "the one cached (normalised units) that is tolerated "
                                                               "and counted; 0 = strict (exact pixels only)."),

@@ -66,6 +66,11 @@ class CachedOutputs:
                                  f"was made; it recorded {cache.manifest['recipe'].get('library_versions')}; "
                                  "`cskd-cache inspect --requirements` pins them)"}
             batch["drift"] = torch.tensor([len(off), float(dist.max())])
+        missing = cache.encoding.missing_spill(arrays, spill)
+        if missing:  # checked here, on the CPU, so that decoding on the device never waits for it
+            return {"error": f"--cache {self.url}: {missing} positions of views {int(views.min())}..{int(views.max())} "
+                             f"have no spill rows though they need them; the cache is damaged: run `cskd-cache "
+                             f"verify {self.url}`"}
         batch["teacher"] = to_torch(arrays)
         if spill is not None:
             batch["spill"] = to_torch(spill)
@@ -73,8 +78,9 @@ class CachedOutputs:
 
 
 class RankBatches:
-    """Batch sampler of one rank for one epoch: step s takes views[s * batch * world + rank * batch, +batch).
-    Plan entries are looked up as the loader asks for them, not held for the whole epoch."""
+    """Batch sampler of one rank: step s takes views[s * batch * world + rank * batch, +batch) of the current
+    epoch's order (`views`, set before each epoch). Plan entries are looked up as the loader asks for them, not
+    held for the whole epoch."""
 
     def __init__(self, plan, views: np.ndarray, epoch_stride: int, batch: int, rank: int = 0, world: int = 1):
         self.plan, self.views, self.stride = plan, views, epoch_stride
@@ -91,6 +97,9 @@ class RankBatches:
 
 def epoch_loader(dataset: PairDataset, batches: RankBatches, cache_url: str | None, workers: int,
                  pin_memory: bool, tolerance: float = 0.0) -> torch.utils.data.DataLoader:
+    # persistent: every epoch iterates the same sampler object (its views set per epoch), so worker start-up and
+    # cache opening happen once per run, not once per epoch
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                       persistent_workers=workers > 0,
                                        collate_fn=CachedOutputs(cache_url, tolerance), pin_memory=pin_memory,
                                        prefetch_factor=4 if workers else None)

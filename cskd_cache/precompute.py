@@ -53,6 +53,7 @@ class PrecomputeConfig:
     device: str | None = None
     teacher_precision: str = "auto"  # fp16 autocast on a GPU (official), fp32 on a CPU
     content_hash: bool = False  # store each image file's sha256: train --match content then finds them anywhere
+    compile: bool = False  # torch.compile the teacher (pays off on a GPU, for long runs)
     only_epochs: str | None = None  # compute these epochs only ('15-29'): a partial cache, for merging later
     max_shards: int | None = None  # stop after this many shards (for tests of interruption and for budgets)
 
@@ -249,12 +250,14 @@ def _run_shards(cfg, cache: store.Cache, source, teacher, encoding, dist: Dist, 
                 batches.append(pair_items(plan, np.arange(lo, hi), stride))
                 owner.append(s)
     loader = torch.utils.data.DataLoader(
-        PairDataset(source, cache.recipe), batch_sampler=batches, num_workers=cfg.workers,
+        PairDataset(source, cache.recipe, cache.fingerprint_kind), batch_sampler=batches, num_workers=cfg.workers,
         collate_fn=collate_pairs, pin_memory=device.type == "cuda", persistent_workers=False,
         prefetch_factor=4 if cfg.workers else None)
     use_amp = device.type == "cuda"
     if use_amp:
         teacher = teacher.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        teacher = torch.compile(teacher)
     writer = _Writer(cache)
     writer.start()
     total = sum(cache.shard_range(s)[1] - cache.shard_range(s)[0] for s in mine)

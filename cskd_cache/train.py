@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -21,6 +21,7 @@ from timm.utils import ModelEmaV3
 from . import store
 from .data import LabeledImages, match_samples, open_source
 from .distributed import Dist, init_distributed
+from .checkpoint import resume as _resume, save as _save
 from .encodings import make_encoding
 from .engine import TeacherTargets, evaluate, train_one_epoch
 from .errors import CacheError
@@ -75,6 +76,7 @@ class TrainConfig:
     input_size: int | None = None  # no cache: the view size (default 224); a cache brings its own recipe
     match: str = "key"  # how --data's images are matched to the cache's samples: key | stem | content
     replay_tolerance: float = 0.05  # largest signature distance a replayed view may drift by (0: strict)
+    compile: bool = False  # torch.compile the student's training forward (pays off on a GPU, in long runs)
 
 
 @dataclass
@@ -105,6 +107,9 @@ class Run:
     start_epoch: int = 0
     history: list = field(default_factory=list)
     val: object = None
+    loader: object = None  # created by the first epoch, reused by the next ones
+    fingerprint_kind: str = "sha1-int16"
+    batches: object = None
 
 
 def _check_cache(cfg: TrainConfig, cache: Cache, source) -> None:
@@ -124,29 +129,6 @@ def _check_cache(cfg: TrainConfig, cache: Cache, source) -> None:
     if max(source.labels) >= m["num_classes"] and not cfg.force:
         raise CacheError(f"--data has {max(source.labels) + 1} classes but the cache's teacher has "
                          f"{m['num_classes']}; pass --force to use it anyway")
-
-
-# Flags that may change between a run and its --resume: they do not alter what is computed (data and cache may
-# move; their identity is checked by fingerprint).
-# --epochs may grow (training extended: the cosine and alpha schedules stretch from the resumed epoch on).
-_RESUME_FREE = {"workers", "device", "resume", "force", "data", "cache", "val_data", "epochs", "stop_after", "match",
-                "replay_tolerance"}
-
-
-def _check_resume(cfg: TrainConfig, saved: dict, path: str) -> None:
-    for key, value in asdict(cfg).items():
-        if key in _RESUME_FREE or key not in saved or saved[key] == value:
-            continue
-        flag = "--" + key.replace("_", "-")
-        raise CacheError(f"--resume: {path} was trained with {flag} {saved[key]}, not {value}; "
-                         f"pass the same flags, or a new --out to start another run")
-
-
-def _identity_mismatch(saved: dict, now: dict) -> str | None:
-    for key in sorted(set(saved) | set(now)):
-        if json.dumps(saved.get(key), sort_keys=True) != json.dumps(now.get(key), sort_keys=True):
-            return key
-    return None
 
 
 def _lr(cfg: TrainConfig, world: int) -> float:
@@ -262,6 +244,8 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
     student = create_student(cfg.student, num_classes, recipe.input_size, grid or (1, 1), drop_path=cfg.drop_path,
                              view_mean=recipe.mean, view_std=recipe.std).to(device)
     model = torch.nn.parallel.DistributedDataParallel(student) if dist.world > 1 else student
+    if cfg.compile:
+        model = torch.compile(model)  # the training forward only; evaluation and the EMA use the plain module
     ema = ModelEmaV3(student, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
     optimizer = create_optimizer_v2(student, "adamw", lr=_lr(cfg, dist.world), weight_decay=cfg.weight_decay)
     scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs, warmup_t=cfg.warmup_epochs,
@@ -275,6 +259,7 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
               model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, criterion=criterion,
               targets=TeacherTargets(encoding, criterion.needs, teacher), identity=identity,
               cache_url=cfg.cache if cfg.teacher_source == "cache" else None,
+              fingerprint_kind=cache.fingerprint_kind if cache is not None else "sha1-int16",
               steps=min(steps, cfg.max_steps) if cfg.max_steps else steps)
     _resume(run)
     run.val = val
@@ -284,35 +269,6 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
 def recipe_of(cache: Cache | None, cfg: TrainConfig) -> Recipe:
     """The views' recipe: the cache's, or DeiT's at --input-size."""
     return cache.recipe if cache is not None else Recipe(input_size=cfg.input_size or 224)
-
-
-def _checkpoint_path(cfg: TrainConfig) -> str:
-    return os.path.join(cfg.out, "checkpoint.pth")
-
-
-def _resume(run: Run) -> None:
-    cfg, path = run.cfg, _checkpoint_path(run.cfg)
-    if not os.path.exists(path):
-        if cfg.resume and run.dist.main:
-            print(f"note: --resume: no run in {cfg.out} yet; starting a new one")
-        return
-    if not cfg.resume:
-        raise CacheError(f"--out {cfg.out} already holds a run; pass --resume to continue it, or choose another --out")
-    try:  # weights_only: a checkpoint is data, never code (it may come from someone else)
-        ck = torch.load(path, map_location=run.device, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, say so in one line
-        raise CacheError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:160]})") from None
-    _check_resume(cfg, ck.get("config", {}), path)
-    what = _identity_mismatch(ck.get("identity", {}), run.identity)
-    if what:
-        raise CacheError(f"--resume: {path} was trained with teacher targets from another {what} than the ones "
-                         "given now (another cache, teacher or plan); pass the run's own --cache, or a new --out")
-    run.student.load_state_dict(ck["model"])
-    run.optimizer.load_state_dict(ck["optimizer"])
-    if run.ema is not None and ck.get("ema") is not None:
-        run.ema.load_state_dict(ck["ema"])
-    run.start_epoch, run.history = ck["epoch"] + 1, ck["history"]
 
 
 def train(cfg: TrainConfig, dist: Dist | None = None) -> list[dict]:
@@ -326,7 +282,7 @@ def train(cfg: TrainConfig, dist: Dist | None = None) -> list[dict]:
               "training "
               f"epochs of {run.steps} steps x {cfg.batch_size * dist.world}: each view used {reuse:g} times"
               + (" (the official condition is 1: fresh views every epoch)" if reuse > 1 else ""))
-    dataset = PairDataset(run.source, run.recipe)
+    dataset = PairDataset(run.source, run.recipe, run.fingerprint_kind)
     for epoch in range(run.start_epoch, min(cfg.epochs, cfg.stop_after or cfg.epochs)):
         row = _one_epoch(run, dataset, epoch)
         row["reuse_factor"] = reuse
@@ -356,9 +312,12 @@ def _one_epoch(run: Run, dataset: PairDataset, epoch: int) -> dict:
     torch.manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, dist.rank]).generate_state(1)[0]))
     views = epoch_views(epoch, run.plan_epochs, run.views_per_epoch, cfg.batch_size * dist.world, run.steps,
                         run.block, cfg.seed, run.stride)
-    batches = RankBatches(run.plan, views, run.stride, cfg.batch_size, dist.rank, dist.world)
-    loader = epoch_loader(dataset, batches, run.cache_url, cfg.workers, run.device.type == "cuda",
-                          cfg.replay_tolerance)
+    if run.loader is None:  # one loader for the run: its workers (and their open cache) live across epochs
+        run.batches = RankBatches(run.plan, views, run.stride, cfg.batch_size, dist.rank, dist.world)
+        run.loader = epoch_loader(dataset, run.batches, run.cache_url, cfg.workers, run.device.type == "cuda",
+                                  cfg.replay_tolerance)
+    run.batches.views = views
+    loader = run.loader
     per_step = lambda step: alpha_at(epoch, step, run.steps, cfg.epochs, cfg.alpha_schedule, cfg.alpha_per_step)
     stats = train_one_epoch(run.model, run.criterion, loader, run.optimizer, run.device, epoch,
                             targets=run.targets, alpha_at=per_step, num_classes=run.num_classes,
@@ -380,24 +339,6 @@ def _one_epoch(run: Run, dataset: PairDataset, epoch: int) -> dict:
             "cached_epoch": run.plan_epochs[epoch % len(run.plan_epochs)], "cycle": epoch // len(run.plan_epochs),
             "replay_drifted": drifted,
             **{f"train_{k}": v / max(seen, 1) for k, v in zip(names, totals[1:])}}
-
-
-def _write_atomic(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def _save(run: Run, epoch: int, row: dict) -> None:
-    """Checkpoint, metrics.jsonl (the whole history, so the log always agrees with the checkpoint a resume
-    starts from) and last.json; each written to a temporary file and renamed: a kill never leaves half a file."""
-    path = _checkpoint_path(run.cfg)
-    torch.save({"model": run.student.state_dict(), "optimizer": run.optimizer.state_dict(),
-                "ema": run.ema.state_dict() if run.ema is not None else None, "epoch": epoch,
-                "history": run.history, "config": asdict(run.cfg), "identity": run.identity}, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    _write_atomic(os.path.join(run.cfg.out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in run.history))
-    _write_atomic(os.path.join(run.cfg.out, "last.json"), json.dumps(row))
 
 
 def _val_loader(cfg: TrainConfig, recipe: Recipe, dist: Dist):

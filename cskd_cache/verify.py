@@ -31,7 +31,7 @@ def _replayed(cache: Cache, source, match: str):
     """A function view -> the replayed pair (dict as PairDataset gives it), over the cache's samples in --data."""
     ids, _ = match_samples(cache.sample_keys(), cache.sample_labels(), source, match,
                            cache.sample_hashes() if match == "content" else None)
-    dataset = PairDataset(source.subset(ids), cache.recipe)
+    dataset = PairDataset(source.subset(ids), cache.recipe, cache.fingerprint_kind)
 
     def replay(v: int) -> dict:
         got = dataset[pair_items(cache.epoch_plan, [v, v + 1], cache.stride)[0]]
@@ -110,9 +110,10 @@ def _value_difference(enc, stored: dict, now: dict) -> float:
     d, g = now["dense"].float(), now["global"].float()
     if enc.name == "full":
         return float(max((stored["dense"].float() - d).abs().max(), (stored["global"].float() - g).abs().max()))
-    out = (stored["global_value"].float() - g.gather(-1, stored["global_class"].long())).abs().max()
+    table = stored["global_class"].long()
+    out = (stored["global_value"].float() - g.gather(-1, table.clamp(min=0))).abs().masked_fill(table < 0, 0).max()
     if enc.name == "ckf":
-        cls = stored["ckf_class"].long()
+        cls = enc.slot_classes(stored).long() if "ckf_slot" in stored else stored["ckf_class"].long()
         ok = cls >= 0
         dd = (stored["ckf_dense"].float() - d.gather(-1, cls.clamp(min=0))).abs()
         out = max(out, dd[ok].max() if ok.any() else out)

@@ -221,11 +221,19 @@ def replay_pair(transform, image_a: Image.Image, image_b: Image.Image, seed_a: i
     return mix_pair(augment(transform, image_a, seed_a), augment(transform, image_b, seed_b), lam, mode, box)
 
 
-def fingerprint(view: torch.Tensor) -> int:
-    """A short hash of a view's pixels (quantised to 1/256 so that it names the image, not float noise)."""
-    # NumPy, not torch: same float32 product and round-half-even, without intra-op thread start-up per call.
-    q = np.round(view.float().numpy() * np.float32(256)).astype(np.int32)
-    digest = hashlib.blake2b(q.tobytes(), digest_size=8).digest()
+FINGERPRINTS = ("sha1-int16", "blake2b-int32")  # format 2's, format 1's
+
+
+def fingerprint(view: torch.Tensor, kind: str = "sha1-int16") -> int:
+    """A 64-bit hash of a view's pixels, quantised to 1/256 so that it names the image, not float noise.
+    Format 2 hashes int16 values with SHA-1 (hardware-accelerated: 0.2 ms at 224 px, 15% of the replay path
+    before; identity, not security, is what it checks); format-1 caches used blake2b over int32."""
+    # NumPy, not torch: the same float32 product and round-half-even, without intra-op thread start-up per call.
+    scaled = np.rint(view.float().numpy() * np.float32(256))
+    if kind == "blake2b-int32":
+        digest = hashlib.blake2b(scaled.astype(np.int32).tobytes(), digest_size=8).digest()
+    else:
+        digest = hashlib.sha1(np.clip(scaled, -32768, 32767).astype(np.int16).data).digest()[:8]
     return int.from_bytes(digest, "little", signed=True)
 
 
@@ -251,8 +259,8 @@ class PairDataset(torch.utils.data.Dataset):
     """Replays mixing pairs. Items are the pair's plan entries (see `pair_items`), handed in by the sampler.
     Each pair also carries its labels and lambda: view 2k's target is lam * own + (1 - lam) * partner."""
 
-    def __init__(self, source, recipe: Recipe):
-        self.source, self.recipe = source, recipe
+    def __init__(self, source, recipe: Recipe, fingerprint_kind: str = "sha1-int16"):
+        self.source, self.recipe, self.fingerprint_kind = source, recipe, fingerprint_kind
         self.transform = build_transform(recipe)
 
     def __getitem__(self, item: tuple) -> dict:
@@ -266,7 +274,8 @@ class PairDataset(torch.utils.data.Dataset):
         xa, xb = replay_pair(self.transform, img_a, img_b, seed_a, seed_b, float(lam), int(mode), box)
         ya, yb = self.source.labels[int(sample_a)], self.source.labels[int(sample_b)]
         return {"view": torch.tensor([view, view + 1]), "image": torch.stack([xa, xb]),
-                "fingerprint": torch.tensor([fingerprint(xa), fingerprint(xb)], dtype=torch.int64),
+                "fingerprint": torch.tensor([fingerprint(xa, self.fingerprint_kind), fingerprint(xb, self.fingerprint_kind)],
+                                            dtype=torch.int64),
                 "signature": torch.from_numpy(np.stack([signature(xa), signature(xb)])),
                 "label": torch.tensor([ya, yb]), "partner_label": torch.tensor([yb, ya]),
                 "lam": torch.tensor([lam, lam], dtype=torch.float32)}

@@ -47,7 +47,8 @@ def create_cache(url: str, manifest: dict, keys: list[str], labels: list[int], e
     from scratch by the next run. Nothing that marks a cache usable is written before the plan it depends on.
     Each creation gets a run id; shard markers carry it, so shards another run wrote never count as done."""
     manifest = dict(manifest, status="creating", created=_dt.datetime.now(_dt.timezone.utc).isoformat(),
-                    tool_version=__version__, spill_shards=[], run_id=uuid.uuid4().hex, replay=list(REPLAY))
+                    tool_version=__version__, spill_shards=[], run_id=uuid.uuid4().hex, replay=list(REPLAY),
+                    fingerprint="sha1-int16")
     if overwrite:
         remove_cache(url)
     # one write of zarr.json that already carries the manifest: there is no moment where it is a bare group
@@ -66,14 +67,14 @@ def create_cache(url: str, manifest: dict, keys: list[str], labels: list[int], e
     for f, dt in _PLAN_FIELDS.items():
         shape = (epochs, vpe, 4) if f == "box" else (epochs, vpe)
         group.create_array(f"plan/{f}", shape=shape, chunks=(1,) + shape[1:], dtype=dt, fill_value=0,
-                           compressors=_codecs())
+                           compressors=_codecs(dt))
     for name, (shape, dtype) in REPLAY.items():
         group.create_array(f"views/{name}", shape=(total, *shape), chunks=(chunk_views, *shape),
-                           shards=(shard_views, *shape), dtype=dtype, fill_value=0, compressors=_codecs())
+                           shards=(shard_views, *shape), dtype=dtype, fill_value=0, compressors=_codecs(dtype))
     for name, spec in encoding.arrays().items():
         group.create_array(f"views/{name}", shape=(total,) + tuple(spec.shape),
                            chunks=(chunk_views,) + tuple(spec.shape), shards=(shard_views,) + tuple(spec.shape),
-                           dtype=spec.dtype, fill_value=spec.fill, compressors=_codecs())
+                           dtype=spec.dtype, fill_value=spec.fill, compressors=_codecs(spec.dtype, spec.shuffle))
     group.create_array("views/shard_done", shape=(manifest["layout"]["num_shards"],), chunks=(1,), dtype="int64",
                        fill_value=0)
     params = PlanParams(**manifest["plan"])
@@ -85,7 +86,7 @@ def create_cache(url: str, manifest: dict, keys: list[str], labels: list[int], e
 
 def _write_array(group, name: str, data: np.ndarray, chunks) -> None:
     arr = group.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype, fill_value=0,
-                             compressors=_codecs())
+                             compressors=_codecs(data.dtype))
     arr[...] = data
 
 
@@ -145,7 +146,7 @@ def write_shard(cache: Cache, shard: int, arrays: dict[str, np.ndarray], replay:
             if k == "view":
                 v = v + start  # stored as global view indices
             a = g.create_array(k, shape=v.shape, chunks=v.shape, dtype=v.dtype, fill_value=0,
-                               compressors=_codecs(), overwrite=True)
+                               compressors=_codecs(v.dtype), overwrite=True)
             a[...] = v
     for name, data in {**arrays, **replay}.items():
         cache.group[f"views/{name}"][start:stop] = data

@@ -29,11 +29,11 @@ def truncate(cache):
 
 
 def flip(cache):
-    p = shard_file(cache, "ckf_class", 2)
+    p = shard_file(cache, "ckf_slot", 2)
     data = bytearray(p.read_bytes())
     data[30] ^= 0x55
     p.write_bytes(bytes(data))
-    return ["views/ckf_class", "shard 2"], "shard(s) [2]"
+    return ["views/ckf_slot", "shard 2"], "shard(s) [2]"
 
 
 def delete(cache):

@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from cskd_cache.ckf import CKFEncoding, ckf_candidates
 from cskd_cache.encodings import (ENCODINGS, ArraySpec, class_dtype, encoding_from_description, fuse,
                                   make_encoding)
+
+classes = CKFEncoding.slot_classes  # each candidate slot's class id, -1 where empty
 
 GRID = sorted({i / 200 for i in range(201)} | {0.0, 1.0, 1 / 300, 299 / 300, 1 / 3, 2 / 3, 1e-9, 1 - 1e-9, 0.1, 0.7})
 
@@ -31,11 +34,11 @@ def _crossings(d16: torch.Tensor, g32: torch.Tensor, top: int = 4, rows: int = 3
     return sorted(out)
 
 
-def assert_exact(dense, global_=None, width=8, extra=()):
+def assert_exact(dense, global_=None, width=8, extra=(), table=48):
     """Encode with ckf and full; decoded ckf targets == full targets at every alpha of the grid and crossings."""
     B, P, K = dense.shape
     global_ = dense.mean(1) if global_ is None else global_
-    ckf, full = make_encoding("ckf", K, P, ckf_width=width), make_encoding("full", K, P)
+    ckf, full = make_encoding("ckf", K, P, ckf_width=width, global_width=table), make_encoding("full", K, P)
     arrays, spill = ckf.encode(dense, global_)
     farrays, _ = full.encode(dense, global_)
     alphas = sorted(set(GRID) | set(extra) | set(_crossings(farrays["dense"], farrays["global"])))
@@ -62,8 +65,8 @@ def test_thousands_of_classes(K, dtype):
     torch.manual_seed(3)
     dense = torch.randn(2, 1, K) * 3 + torch.randn(2, 3, K)
     arrays, _ = assert_exact(dense, extra=[1 / 7])
-    assert arrays["ckf_class"].dtype == dtype and arrays["global_class"].dtype == dtype
-    assert int(arrays["ckf_class"].max()) > 2048  # class ids above fp16's exact-integer range survive
+    assert arrays["global_class"].dtype == dtype and arrays["ckf_slot"].dtype == torch.uint8
+    assert int(classes(arrays).max()) > 2048  # class ids above fp16's exact-integer range survive
 
 
 def test_ties():
@@ -76,21 +79,20 @@ def test_ties():
     assert_exact(torch.randn(2, P, K), torch.zeros(2, K))  # identical g, different d
     top = torch.tensor([5, 9])  # classes 5 and 9 identical and above all others at every alpha
     a, _ = assert_exact(torch.zeros(2, P, K).index_fill_(2, top, 1.0), torch.zeros(2, K).index_fill_(1, top, 1.0))
-    assert (a["ckf_class"][..., 0] == 5).all()  # exact duplicates: only the lower index is kept
+    assert (classes(a)[..., 0] == 5).all()  # exact duplicates: only the lower index is kept
     assert (a["ckf_count"] == 1).all()
 
 
 def test_all_equal_and_dominating():
     K, P = 300, 16
     a, spill = assert_exact(torch.full((2, P, K), 2.5), torch.full((2, K), 2.5))
-    assert spill is None and (a["ckf_count"] == 1).all() and (a["ckf_class"][..., 0] == 0).all()
-    assert (a["ckf_class"][..., 1:] == -1).all() and (a["ckf_dense"][..., 1:] == 0).all()
-    assert (a["ckf_global"][..., 1:] == 0).all()  # empty slots hold 0, never NaN/inf
+    assert spill is None and (a["ckf_count"] == 1).all() and (classes(a)[..., 0] == 0).all()
+    assert (classes(a)[..., 1:] == -1).all() and (a["ckf_dense"][..., 1:] == 0).all()  # empty: 0, not NaN/inf
     torch.manual_seed(5)
     dense = torch.randn(2, P, K)
     dense[:, :, 77] = 20.0
     a, _ = assert_exact(dense)
-    assert (a["ckf_count"] == 1).all() and (a["ckf_class"][..., 0] == 77).all()
+    assert (a["ckf_count"] == 1).all() and (classes(a)[..., 0] == 77).all()
 
 
 def test_convex_curve_spills_and_stays_exact():
@@ -101,17 +103,18 @@ def test_convex_curve_spills_and_stays_exact():
     glob = (t.sin() * 4).float().expand(2, K).clone()
     dense[1, 3] = torch.randn(K)  # one ordinary position among the spilled ones
     arrays, spill = assert_exact(dense, glob, width=W)
-    assert spill is not None and (arrays["ckf_count"][0] > W).all()
+    assert spill is not None and (arrays["ckf_count"][0] == 255).all()  # 255: the row is in spill/
     n = spill["view"].numel()
-    assert n == int((arrays["ckf_count"] > W).sum()) and spill["dense"].shape == (n, K)
+    assert n == int((arrays["ckf_count"] == 255).sum()) and spill["dense"].shape == (n, K)
     assert spill["dense"].dtype == torch.float16 and spill["global"].dtype == torch.float32
     assert spill["view"].dtype == torch.int64 and spill["pos"].dtype == torch.int64
-    assert arrays["ckf_count"].max() > 40  # most of the 64 points stay on the hull after fp16 rounding
-    stored = arrays["ckf_class"][0, 0].long()
-    assert torch.equal(stored, stored.sort().values)  # ascending class order in the fixed slots
+    true_count = ckf_candidates(dense[0].half().double(), glob[0].double().expand(P, K)).sum(-1)
+    assert true_count.max() > 40  # most of the 64 points stay on the hull after fp16 rounding
+    stored = classes(arrays)[1, 3].long()
+    stored = stored[stored >= 0]
+    assert len(stored) and torch.equal(stored, stored.sort().values)  # ascending class order in the slots
     ckf = make_encoding("ckf", K, P, ckf_width=W)
-    with pytest.raises(ValueError, match="spill"):
-        ckf.decode_targets(arrays, 0.5)
+    assert ckf.missing_spill(arrays, None) == n and ckf.missing_spill(arrays, spill) == 0
     # the store keeps view 1 only: slice the arrays and re-index the spill rows
     sub = {k: v[1:] for k, v in arrays.items()}
     keep = spill["view"] == 1
@@ -158,7 +161,18 @@ def test_rounding_margin_is_needed():
     wins = [x for x in near if fuse(dense, glob[:, None], x).argmax(-1).item() == 0]
     assert wins  # the full path really picks class 0 somewhere
     arrays, _ = assert_exact(dense, glob, extra=near)
-    assert arrays["ckf_class"][0, 0].tolist() == [0, 1, 2]
+    assert classes(arrays)[0, 0].tolist()[:3] == [0, 1, 2]
+
+
+def test_a_small_table_spills_and_stays_exact():
+    """Every candidate class must be in the view's global table; what does not fit spills, exactly."""
+    torch.manual_seed(13)
+    K, P = 400, 16
+    dense = torch.randn(3, P, K) * 2  # unrelated positions: many different candidates per view
+    arrays, spill = assert_exact(dense, torch.randn(3, K), table=12)
+    assert spill is not None and (arrays["global_class"] >= 0).sum(-1).max() == 12
+    arrays, spill = assert_exact(dense, torch.randn(3, K), table=254)
+    assert spill is None
 
 
 def test_huge_magnitudes():
@@ -233,9 +247,8 @@ def test_soft_distillation_target_is_not_distorted(name):
     got = enc.decode_global(arrays).softmax(-1)
     assert abs(float(got[0, 7]) - float(p[0, 7])) < 1e-5
     assert float((got - p).abs().sum()) < 1e-3  # total variation: the even spread is close to the true tail
-    legacy = type(enc)(K, P, **enc.params, lse=False)  # format-1 caches: the old fill rule, refused nothing
-    assert "global_lse" not in legacy.arrays()
-    old = legacy.decode_global({k: v for k, v in arrays.items() if k != "global_lse"}).softmax(-1)
+    top = {"global_class": arrays["global_class"][:, :10], "global_value": arrays["global_value"][:, :10]}
+    old = make_encoding("topk", K, P, global_topk=10).decode_global(top).softmax(-1)  # no lse: format 1's rule
     assert float(old[0, 7]) < 0.1  # what the old rule did
 
 
@@ -287,7 +300,8 @@ def test_arrays_match_spec_and_describe_round_trips(name):
         assert isinstance(spec, ArraySpec)
         assert tuple(arrays[key].shape) == (2, *spec.shape), key
         assert str(arrays[key].dtype) == f"torch.{spec.dtype}", key
-        assert (spec.fill == -1) if "class" in key else (spec.fill == 0 if "count" in key else math.isnan(spec.fill))
+        want = -1 if "class" in key else 0 if "count" in key else 255 if "slot" in key else math.nan
+        assert spec.fill == want or (math.isnan(want) and math.isnan(spec.fill)), key
 
 
 def test_bad_inputs():

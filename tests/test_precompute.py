@@ -61,7 +61,7 @@ def test_precompute_inspect_verify(tmp_path, image_folder, teacher_checkpoint):
     code, text = run_cli("inspect", out, "--json")
     info = json.loads(text)
     assert code == 0 and info["status"] == "complete" and info["shards_done"] == 6
-    assert info["arrays"]["ckf_class"]["shape"] == [48, 2 * 2, NUM_CLASSES]  # ckf width clipped to K
+    assert info["arrays"]["ckf_slot"]["shape"] == [48, 2 * 2, NUM_CLASSES]  # ckf width clipped to K
     assert info["bytes_per_view"]["stored"] > 0
     code, text = run_cli("inspect", out)
     assert code == 0 and "test_resnet" in text and "grid 2x2" in text
@@ -75,7 +75,7 @@ def test_cached_targets_are_the_teachers_on_the_replayed_views(tmp_path, image_f
     assert run_cli(*precompute_args(image_folder, out, teacher_checkpoint, "--encoding", "full"))[0] == 0
     cache = Cache.open(str(out))
     teacher, _ = create_teacher("test_resnet", checkpoint=str(teacher_checkpoint))
-    ds = PairDataset(open_source(str(image_folder)), cache.recipe)
+    ds = PairDataset(open_source(str(image_folder)), cache.recipe, cache.fingerprint_kind)
     items = pair_items(cache.epoch_plan, np.arange(6, 10), cache.stride)
     x = torch.cat([ds[it]["image"] for it in items])
     dense, glob = teacher(x)
@@ -262,12 +262,12 @@ def test_full_disk_is_a_clear_error_and_leaves_an_incomplete_cache(tmp_path, ima
 def test_flipped_byte_is_caught_by_verify(tmp_path, image_folder, teacher_checkpoint):
     out = tmp_path / "c.zarr"
     assert run_cli(*precompute_args(image_folder, out, teacher_checkpoint))[0] == 0
-    shard = out / "views" / "ckf_global" / "c" / "1" / "0" / "0"
+    shard = out / "views" / "global_value" / "c" / "1" / "0"
     data = bytearray(shard.read_bytes())
     data[40] ^= 0xFF
     shard.write_bytes(bytes(data))
     code, text = run_cli("verify", out)
-    assert code == 1 and "views/ckf_global" in text
+    assert code == 1 and "views/global_value" in text
 
 
 def test_remote_store_is_readable(tmp_path, image_folder, teacher_checkpoint):

@@ -16,13 +16,13 @@ SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[Heal
 @SETTINGS
 @given(B=st.integers(1, 3), P=st.integers(1, 5), K=st.integers(2, 40), scale=st.sampled_from([1e-3, 1.0, 30.0]),
        integer=st.booleans(), seed=st.integers(0, 2**31 - 1), width=st.integers(1, 6),
-       alphas=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=5))
-def test_ckf_targets_equal_full_for_any_logits(B, P, K, scale, integer, seed, width, alphas):
+       alphas=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=5), table=st.integers(1, 60))
+def test_ckf_targets_equal_full_for_any_logits(B, P, K, scale, integer, seed, width, alphas, table):
     g = torch.Generator().manual_seed(seed)
     dense = torch.randn(B, P, K, generator=g) * scale
     if integer:  # many exact ties, the hardest case for argmax order
         dense = dense.round()
-    assert_exact(dense, width=width, extra=alphas)
+    assert_exact(dense, width=width, extra=alphas, table=table)
 
 
 @SETTINGS

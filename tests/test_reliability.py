@@ -257,4 +257,4 @@ def test_a_redone_shard_keeps_no_stale_spill_and_is_flushed_before_its_marker(tm
     assert f"spill/s{s:06d}" not in zarr.open_group(str(out), mode="r")
     marker = events.index(("marker", None))
     flushed = [p for kind, p in events[:marker] if kind == "fsync"]
-    assert any("views/fingerprint/c" in p for p in flushed) and any("views/ckf_class/c" in p for p in flushed)
+    assert any("views/fingerprint/c" in p for p in flushed) and any("views/ckf_slot/c" in p for p in flushed)

@@ -86,8 +86,8 @@ def test_pull_all_or_some_epochs_resumably_and_checked(tmp_path, image_folder, c
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["cached_epoch"] for r in rows] == [1, 1]
     # a damaged source is never copied
-    (cache3 / "views" / "ckf_global" / "c" / "0" / "0" / "0").write_bytes(b"bad")
-    one_line(*run_cli("pull", cache3, tmp_path / "bad.zarr"), "ckf_global", "sha256 does not match")
+    (cache3 / "views" / "global_value" / "c" / "0" / "0").write_bytes(b"bad")
+    one_line(*run_cli("pull", cache3, tmp_path / "bad.zarr"), "global_value", "sha256 does not match")
     one_line(*run_cli("pull", cache3, tmp_path / "x.zarr", "--epochs", "7"), "epochs 0-2")
 
 

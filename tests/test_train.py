@@ -237,3 +237,15 @@ def test_format_1_caches_stay_readable(tmp_path, encoding):
     assert code == 0 and "8 replayed views match" in text, text
     code, text = run_cli(*train_args(images, tmp_path / "run", "--cache", path, "--distill", "soft"))
     assert code == 0, text
+
+
+def test_compiled_student_trains(tmp_path, image_folder, cache):
+    """--compile (torch.compile of the training forward; inductor on a CPU here) trains and checkpoints the
+    plain module's weights."""
+    out = tmp_path / "compiled"
+    code, text = run_cli(*train_args(image_folder, out, "--cache", cache, "--epochs", "1", "--max-steps", "1",
+                                     "--compile"))
+    assert code == 0, text
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert not any(k.startswith("_orig_mod") for k in ck["model"])
+    assert np.isfinite(ck["history"][0]["train_total"])

@@ -1,0 +1,86 @@
+"""Cache read + CKF decode throughput of one process, from a local ckf cache of real teacher outputs.
+
+The teacher outputs of a real ImageNet teacher (efficientnet_lite0) on real photos (benchmarks.storage's
+pipeline) are tiled into a cache of --views views (ImageNet's layout: 2048-view shards, 64-view chunks). Measured
+in one process: reading them the way training does (one batch of views at a time, every array, fingerprints and
+signatures included), reading large runs, decoding CKF targets on the CPU, and both together.
+
+    python -m benchmarks.read_decode
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.common import lite0_checkpoint, parser, real_photos, save, setup, table
+from cskd_cache import write
+from cskd_cache.precompute import PrecomputeConfig, precompute
+from cskd_cache.store import Cache, make_layout, to_torch
+from cskd_cache.views import Recipe
+
+
+def tiled_cache(src: Cache, out: str, views: int, shard_views: int = 2048, chunk_views: int = 64) -> Cache:
+    """A cache of `views` views holding the source's real outputs, repeated (fingerprints made up)."""
+    arrays, _ = src.read_views(0, src.views_per_epoch)
+    n = src.views_per_epoch
+    m = copy.deepcopy(src.manifest)
+    m["plan"] = dict(m["plan"], epochs=1)
+    views = views - views % 2
+    m["layout"] = make_layout(1, views, chunk_views, shard_views)
+    m["plan"]["num_samples"] = m["dataset"]["used_samples"] = views  # a plan of that many (stand-in) samples
+    keys = [f"s{i:07d}" for i in range(views)]
+    cache = write.create_cache(out, m, keys, [0] * views, src.encoding, chunk_views, overwrite=True)
+    rng = np.random.default_rng(0)
+    for s in range(cache.num_shards):
+        a, b = cache.shard_range(s)
+        idx = np.arange(a, b) % n
+        replay = {"fingerprint": rng.integers(1, 2**62, b - a), "signature": rng.integers(-64, 64, (b - a, 48),
+                                                                                            dtype=np.int8)}
+        write.write_shard(cache, s, {k: v[idx] for k, v in arrays.items()}, replay, None)
+    write.finalize(cache)
+    return Cache.open(out)
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.add_argument("--views", type=int, default=16384)
+    args = ap.parse_args()
+    device = setup(args)
+    tmp = tempfile.mkdtemp()
+    size, views = (64, 2048) if args.smoke else (224, args.views)
+    data = real_photos(f"{tmp}/photos", per_photo=2 if args.smoke else 5, size=max(size + 32, 96))
+    teacher = lite0_checkpoint(f"{tmp}/lite0.safetensors")
+    src = precompute(PrecomputeConfig(data=str(data), out=f"{tmp}/src.zarr", teacher=teacher,
+                                      teacher_checkpoint=f"{tmp}/lite0.safetensors", recipe=Recipe(input_size=size),
+                                      batch_size=32, workers=2, chunk_views=64, shard_views=128, device="cpu"))
+    cache = tiled_cache(src, f"{tmp}/big.zarr", views)
+    enc, rows = cache.encoding, []
+    n = cache.num_views
+    for batch in (64, 256, 1024):
+        t = time.perf_counter()
+        for a in range(0, n - batch + 1, batch):
+            cache.gather(np.arange(a, a + batch))
+        read = (n - n % batch) / (time.perf_counter() - t)
+        arrays, _, spill = cache.gather(np.arange(0, batch))
+        tensors = to_torch(arrays)
+        reps = max(1, 4096 // batch)
+        t = time.perf_counter()
+        for _ in range(reps):
+            enc.decode_targets(tensors, 0.37, None)
+        decode = reps * batch / (time.perf_counter() - t)
+        rows.append({"views per read": batch, "read views/s": read, "decode views/s (CPU)": decode,
+                     "read + decode views/s": 1 / (1 / read + 1 / decode)})
+    print(table(rows, list(rows[0])))
+    path = save("read_decode", args, rows, {"views": n, "layout": cache.manifest["layout"], "threads":
+                                            torch.get_num_threads(), "teacher": "efficientnet_lite0 on real photos"},
+                device)
+    print(f"\n{path}")
+
+
+if __name__ == "__main__":
+    main()
