@@ -85,11 +85,46 @@ Precision = _choices("Precision", "auto", "fp32", "fp16", "bf16")
 FixedPrecision = _choices("FixedPrecision", "fp32", "fp16", "bf16")
 TeacherSource = _choices("TeacherSource", "cache", "online", "none")
 LossType = _choices("LossType", "hard", "soft")
-AlphaSchedule = _choices("AlphaSchedule", "linear", "x2", "cos")
+AlphaSchedule = _choices("AlphaSchedule", "linear", "x2", "cos", "local")
 Match = _choices("Match", "key", "stem", "content")
 MATCH_HELP = ("How --data's images are found for the cache's samples: key (the same packaging), stem (file names "
               "without folders and extensions: another packaging of the same images), content (sha256 of each "
               "file; needs precompute --content-hash).")
+
+
+def _load_config(ctx: typer.Context, param: typer.CallbackParam, value: str | None):
+    """--config run.yaml: the file's values become the command's defaults (flags on the command line still win).
+    Keys are flag names with or without dashes (`lr`, `warmup-epochs`, `reprob`, ...); an args.yaml a run wrote
+    is a valid config."""
+    if not value:
+        return value
+    import yaml
+
+    try:
+        with open(value) as f:
+            given = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise typer.BadParameter(f"cannot read {value}: {e}") from None
+    if not isinstance(given, dict):
+        raise typer.BadParameter(f"{value} must hold a mapping of flag names to values")
+    names = {}
+    for p in ctx.command.params:
+        for opt in (*p.opts, *p.secondary_opts):
+            names[opt.lstrip("-").replace("-", "_")] = p.name
+        names[p.name] = p.name
+    unknown = sorted(k for k in given if str(k).lstrip("-").replace("-", "_") not in names)
+    if unknown:
+        raise typer.BadParameter(f"{value}: unknown flag(s) {', '.join(map(str, unknown))} for "
+                                 f"`{ctx.command_path}`")
+    ctx.default_map = {names[str(k).lstrip("-").replace("-", "_")]: v for k, v in given.items()
+                       if v is not None}
+    return value
+
+
+def config_option():
+    return typer.Option(None, "--config", is_eager=True, callback=_load_config, expose_value=False,
+                        help="A YAML file of flags (names as on the command line); flags given here win. A run's "
+                             "args.yaml is one.")
 
 
 def plain(values: dict) -> dict:

@@ -7,12 +7,13 @@ from typing import Optional
 
 import typer
 
-from .app import MATCH_HELP, Encoding, Match, Precision, app, default_workers, fail, user_errors
+from .app import MATCH_HELP, Encoding, Match, Precision, app, config_option, default_workers, fail, user_errors
 
 
 @app.command()
 @user_errors
 def precompute(
+    config: Optional[str] = config_option(),
     data: str = typer.Option(..., help="ImageFolder directory or WebDataset .tar shards (brace patterns, URLs)."),
     out: str = typer.Option(..., "--out", "--output", help="Cache to write (a Zarr v3 group); an unfinished one is "
                                                            "resumed."),

@@ -32,3 +32,22 @@ def demo(
                                   device=device, seed=seed))
     typer.echo(format_table(results))
     typer.echo(f"{out}/results.json, {out}/accuracy.png")
+
+
+@app.command()
+@user_errors
+def experiment(
+    out: str = typer.Option("cskd-experiment", help="Folder for data, teacher, caches, runs, results.json/.md, plots."),
+    quick: bool = typer.Option(False, help="The smallest size (seconds per arm): checks that everything runs."),
+    workers: int = typer.Option(min(2, default_workers()), min=0, help="Data-loading worker processes."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: GPU when present)."),
+):
+    """Fidelity: no distillation vs DeiT vs CSKD over seeds, alpha schedules, cached epochs, encodings."""
+    from cskd_cache.experiment import ExperimentConfig, format_tables, run_experiment
+
+    cfg = ExperimentConfig.quick(out, device=device) if quick else ExperimentConfig(out=out, workers=workers,
+                                                                                   device=device)
+    results = run_experiment(cfg)
+    typer.echo(format_tables(results))
+    typer.echo(f"{out}/results.json, {out}/results.md, {out}/accuracy_per_epoch.png, "
+               f"{out}/accuracy_vs_cached_epochs.png")

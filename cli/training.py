@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from .app import (MATCH_HELP, AlphaSchedule, FixedPrecision, LossType, Match, TeacherSource, app, default_workers,
-                  plain, user_errors)
+from .app import (MATCH_HELP, AlphaSchedule, FixedPrecision, LossType, Match, TeacherSource, app, config_option,
+                  default_workers, plain, user_errors)
 
 _STUDENTS = "deit_ti | deit_s | deit_b (timm's distilled DeiTs), deit_demo (DeiT-Ti at width 96, depth 4), or any " \
             "timm ViT with a distillation token"
@@ -17,6 +17,7 @@ _STUDENTS = "deit_ti | deit_s | deit_b (timm's distilled DeiTs), deit_demo (DeiT
 @app.command()
 @user_errors
 def train(
+    config: Optional[str] = config_option(),
     student: str = typer.Option("deit_s", help=_STUDENTS + "."),
     data: str = typer.Option(..., help="Training data: the dataset the cache was made from."),
     out: str = typer.Option(..., "--out", "--output", help="Run folder: checkpoint.pth, metrics.jsonl."),
@@ -32,7 +33,8 @@ def train(
                                                     help="online: fp32 | fp16 | bf16 (default: the cache's; else "
                                                          "fp16 on a GPU, fp32 on a CPU)."),
     alpha_schedule: AlphaSchedule = typer.Option("linear", case_sensitive=False,
-                                       help="CKF alpha decay: linear | x2 | cos."),
+                                       help="CKF alpha decay: linear | x2 | cos, or local (constant 1: the paper's "
+                                            "ablation)."),
     alpha_per_step: bool = typer.Option(False, help="Update alpha every step (paper: once per epoch)."),
     distill: LossType = typer.Option("hard", case_sensitive=False,
                                 help="Distillation-token loss: hard | soft."),
@@ -62,12 +64,15 @@ def train(
     match: Match = typer.Option("key", case_sensitive=False, help=MATCH_HELP),
     compile: bool = typer.Option(False, help="torch.compile the student's training forward: pays off on a GPU over "
                                              "a long run (on a CPU, compiling costs more than it saves)."),
+    tensorboard: bool = typer.Option(False, help="Also write TensorBoard event files to OUT/tensorboard."),
     replay_tolerance: float = typer.Option(0.05, min=0.0, help="Largest drift of a replayed view's signature from "
                                                               "the one cached (normalised units) that is tolerated "
                                                               "and counted; 0 = strict (exact pixels only)."),
     seed: int = typer.Option(0, help="Seed of initial weights, drop path and cycle orders."),
     repeats: int = typer.Option(3, min=1, help="Without a cache: repeated augmentation of the plan (a cache brings "
                                                "its own)."),
+    plan_epochs: Optional[int] = typer.Option(None, min=1, help="Without a cache: augmented epochs of the plan, "
+                                                                "cycled (default: --epochs, fresh views every epoch)."),
     input_size: Optional[int] = typer.Option(None, min=16, help="Without a cache: view size (default 224)."),
     max_steps: Optional[int] = typer.Option(None, min=1, help="Cap steps per epoch (quick runs)."),
     stop_after: Optional[int] = typer.Option(None, min=1, help="Stop after this many epochs; --resume continues."),
@@ -78,7 +83,8 @@ def train(
     from cskd_cache.train import train as run
 
     dist = init_distributed()
-    flags = plain({k: v for k, v in locals().items() if k not in ("run", "TrainConfig", "dist", "init_distributed")})
+    flags = plain({k: v for k, v in locals().items() if k not in ("run", "TrainConfig", "dist", "init_distributed",
+                                                                  "config")})
     history = run(TrainConfig(**flags), dist)
     if history and dist.main:
         typer.echo(f"{out}: {len(history)} epochs, last {json.dumps(history[-1])}")
@@ -113,3 +119,31 @@ def fit_teacher(
     last = report["history"][-1] if report["history"] else {}
     typer.echo(f"{out}: {report['teacher']} with {report['num_classes']} classes, "
                f"{len(report['history'])} epochs, last {json.dumps(last)}")
+
+
+@app.command()
+@user_errors
+def evaluate(
+    checkpoint: str = typer.Option(..., help="A run's checkpoint.pth (loaded weights-only)."),
+    val_data: str = typer.Option(..., help="Validation data (ImageFolder or WebDataset shards)."),
+    batch_size: int = typer.Option(64, min=1, help="Images per batch."),
+    workers: int = typer.Option(default_workers(), min=0, help="Data-loading worker processes."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: GPU when present)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Top-1/top-5 of the class head, the distillation head, the patch tokens and CSKD's mean of the three, for
+    the model and its EMA."""
+    from cskd_cache.evaluate import evaluate_checkpoint, format_accuracy
+
+    result = evaluate_checkpoint(checkpoint, val_data, batch_size, workers, device)
+    typer.echo(json.dumps(result, indent=2) if as_json else format_accuracy(result))
+
+
+@app.command()
+@user_errors
+def plot(runs: list[str] = typer.Argument(..., help="Run folders (cskd-cache train --out)."),
+         out: str = typer.Option("curves.png", "--out", "--output", help="The PNG to write.")):
+    """Training loss, top-1 (model and EMA) and CKF's alpha per epoch, for one or more runs side by side."""
+    from cskd_cache.plots import plot_runs
+
+    typer.echo(plot_runs(runs, out))

@@ -15,7 +15,7 @@ from .errors import CacheError
 # Flags that may change between a run and its --resume: they do not alter what is computed (data and cache may
 # move; their identity is checked by fingerprint).
 # --epochs may grow (training extended: the cosine and alpha schedules stretch from the resumed epoch on).
-_RESUME_FREE = {"workers", "device", "resume", "force", "data", "cache", "val_data", "epochs", "stop_after", "match",
+_RESUME_FREE = {"workers", "device", "resume", "force", "tensorboard", "data", "cache", "val_data", "epochs", "stop_after", "match",
                 "replay_tolerance", "compile"}
 
 
@@ -24,7 +24,8 @@ def _check_resume(cfg, saved: dict, path: str) -> None:
         if key in _RESUME_FREE or key not in saved or saved[key] == value:
             continue
         flag = "--" + key.replace("_", "-")
-        raise CacheError(f"--resume: {path} was trained with {flag} {saved[key]}, not {value}; "
+        shown = lambda v: "its default" if v is None else repr(v)  # noqa: E731 - None means: not given
+        raise CacheError(f"--resume: {path} was trained with {flag} {shown(saved[key])}, not {shown(value)}; "
                          f"pass the same flags, or a new --out to start another run")
 
 
@@ -77,9 +78,14 @@ def save(run, epoch: int, row: dict) -> None:
     """Checkpoint, metrics.jsonl (the whole history, so the log always agrees with the checkpoint a resume
     starts from) and last.json; each written to a temporary file and renamed: a kill never leaves half a file."""
     path = checkpoint_path(run.cfg)
-    torch.save({"model": run.student.state_dict(), "optimizer": run.optimizer.state_dict(),
+    s = run.student
+    student = {"name": run.cfg.student, "num_classes": run.num_classes, "img_size": run.recipe.input_size,
+               "teacher_grid": list(s.teacher_grid), "view_mean": list(s.view_mean), "view_std": list(s.view_std),
+               "interpolation": run.recipe.interpolation}  # all evaluate needs to rebuild it
+    torch.save({"model": s.state_dict(), "optimizer": run.optimizer.state_dict(),
                 "ema": run.ema.state_dict() if run.ema is not None else None, "epoch": epoch,
-                "history": run.history, "config": asdict(run.cfg), "identity": run.identity}, path + ".tmp")
+                "history": run.history, "config": asdict(run.cfg), "identity": run.identity, "student": student},
+               path + ".tmp")
     os.replace(path + ".tmp", path)
     _write_log(run)
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .data import LabeledImages, open_source
 from .errors import CacheError
-from .teacher import TEACHER_ALIASES
+from .teacher import TEACHER_ALIASES, require_hub
 from .views import model_normalization
 
 
@@ -57,6 +57,9 @@ def _save_weights(model: torch.nn.Module, path: str) -> None:
         save_file(state, tmp)
     else:
         torch.save(state, tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; the user's umask decides, as for any file
     os.replace(tmp, path)  # the weights file exists only once it is whole
 
 
@@ -82,6 +85,8 @@ def fit_teacher(cfg: FitTeacherConfig) -> dict:
     source = open_source(cfg.data)
     num_classes = len(source.classes)
     torch.manual_seed(cfg.seed)
+    if cfg.pretrained:
+        require_hub()
     try:
         model = timm.create_model(name, pretrained=cfg.pretrained, num_classes=num_classes).to(device)
     except (OSError, RuntimeError, ValueError) as e:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .errors import CacheError
 
-ALPHA_SCHEDULES = ("linear", "x2", "cos")
+ALPHA_SCHEDULES = ("linear", "x2", "cos", "local")
 DISTILL_TYPES = ("hard", "soft")
 CSKD_TYPES = ("hard", "soft")
 LOSS_MODES = ("cskd", "deit", "none")
@@ -32,6 +32,8 @@ def ckf_alpha(progress: float, schedule: str = "linear") -> float:
         a = (1.0 - x) ** 2
     elif schedule == "cos":
         a = math.cos(math.pi / 2 * x) if x < 1.0 else 0.0  # cos(pi/2) is 6e-17 in floats; the end is global
+    elif schedule == "local":  # the paper's ablation: dense targets throughout (constant alpha = 1)
+        a = 1.0
     else:
         raise CacheError(f"unknown CKF alpha schedule {schedule!r}; use one of {', '.join(ALPHA_SCHEDULES)}")
     return a

@@ -50,6 +50,7 @@ class CSKDStudent(nn.Module):
             raise CacheError(f"student {name} must use global_pool='token', got {model.global_pool!r}")
         self.model = model
         # views come normalised with the recipe's mean/std; the student sees them with its own config's
+        self.view_mean, self.view_std = tuple(view_mean), tuple(view_std)
         self.renorm = Renormalize(view_mean, view_std, *model_normalization(model))
         self.teacher_grid = _pair(teacher_grid)
         self.patch_grid = _pair(model.patch_embed.grid_size)

@@ -118,9 +118,27 @@ def _classifier_width(name: str, state: dict) -> int | None:
     return int(w.shape[0]) if w is not None else None
 
 
+def require_hub(flag: str = "--pretrained", recorded: str | None = None) -> None:
+    """Fail in seconds, not after a minute of retries, when the Hugging Face hub cannot be reached (unless the
+    user asked for offline mode, where timm reads the local hub cache)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=float(os.environ.get("CSKD_HUB_TIMEOUT", "3"))).close()
+    except OSError as e:
+        hint = f" (the cache was made with {recorded})" if recorded else ""
+        raise CacheError(f"{flag}: the Hugging Face hub ({url.hostname}) cannot be reached ({e.strerror or e}); "
+                         f"download the weights elsewhere and pass --teacher-checkpoint PATH{hint}") from None
+
+
 def create_teacher(name: str, *, pretrained: bool = False, checkpoint: str | None = None,
                    num_classes: int | None = None, view_mean=IMAGENET_DEFAULT_MEAN, view_std=IMAGENET_DEFAULT_STD,
-                   precision: str = "fp32") -> tuple[DenseTeacher, dict]:
+                   precision: str = "fp32", recorded: str | None = None) -> tuple[DenseTeacher, dict]:
     """Any timm CNN by name; weights from the hub (`pretrained`) or a local .pth/.safetensors file (weights only).
     view_mean/std: the recipe's normalisation of the views it will see; precision: fp32 | fp16 | bf16."""
     if not pretrained and not checkpoint:
@@ -141,6 +159,8 @@ def create_teacher(name: str, *, pretrained: bool = False, checkpoint: str | Non
                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
         num_classes = num_classes or _classifier_width(name, state)
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if pretrained and not checkpoint:
+        require_hub("--pretrained", recorded)
     try:
         model = timm.create_model(name, pretrained=pretrained and not checkpoint, **kwargs)
     except (OSError, RuntimeError, ValueError) as e:  # hub unreachable, no such weights, ...

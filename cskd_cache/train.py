@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -77,6 +77,7 @@ class TrainConfig:
     match: str = "key"  # how --data's images are matched to the cache's samples: key | stem | content
     replay_tolerance: float = 0.05  # largest signature distance a replayed view may drift by (0: strict)
     compile: bool = False  # torch.compile the student's training forward (pays off on a GPU, in long runs)
+    tensorboard: bool = False  # also write OUT/tensorboard event files
 
 
 @dataclass
@@ -208,9 +209,10 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
         if not name:
             raise CacheError("--teacher-source online needs --teacher (or a --cache that names one)")
         precision = cfg.teacher_precision or (cache.manifest["teacher"].get("precision") if cache else None)
+        recorded = cache.manifest["teacher"].get("checkpoint") if cache else None
         teacher, info = create_teacher(name, checkpoint=cfg.teacher_checkpoint, pretrained=not cfg.teacher_checkpoint,
                                        view_mean=recipe.mean, view_std=recipe.std,
-                                       precision=resolve_precision(precision, device))
+                                       precision=resolve_precision(precision, device), recorded=recorded)
         teacher = teacher.to(device)
         same = cache is None or info["weights_sha256"] == cache.manifest["teacher"]["weights_sha256"]
         if not same and not cfg.force:
@@ -283,6 +285,9 @@ def train(cfg: TrainConfig, dist: Dist | None = None) -> list[dict]:
               f"epochs of {run.steps} steps x {cfg.batch_size * dist.world}: each view used {reuse:g} times"
               + (" (the official condition is 1: fresh views every epoch)" if reuse > 1 else ""))
     dataset = PairDataset(run.source, run.recipe, run.fingerprint_kind)
+    board = _board(cfg) if dist.main else None
+    if dist.main:
+        write_args(cfg)
     for epoch in range(run.start_epoch, min(cfg.epochs, cfg.stop_after or cfg.epochs)):
         row = _one_epoch(run, dataset, epoch)
         row["reuse_factor"] = reuse
@@ -296,12 +301,36 @@ def train(cfg: TrainConfig, dist: Dist | None = None) -> list[dict]:
         if dist.main:
             print(json.dumps(row))
             _save(run, epoch, row)
+            if board is not None:
+                for k, v in row.items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        board.add_scalar(k, v, epoch)
+                board.flush()
         dist.barrier()
     if dist.main and run.history and "best_top1" in run.history[-1]:
         best = max(run.history, key=lambda r: r["top1"])
         ema = f", EMA {run.history[-1]['ema_top1']:.2f} last" if "ema_top1" in run.history[-1] else ""
         print(f"best top-1 {best['top1']:.2f} at epoch {best['epoch']} (raw model, as the paper reports){ema}")
     return run.history
+
+
+def _board(cfg: TrainConfig):
+    if not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise CacheError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(os.path.join(cfg.out, "tensorboard"))
+
+
+def write_args(cfg: TrainConfig) -> None:
+    """OUT/args.yaml: every flag as resolved, as timm's train.py writes it (and `--config` reads it back)."""
+    import yaml
+
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "args.yaml"), "w") as f:
+        yaml.safe_dump(asdict(cfg), f, sort_keys=False)
 
 
 def _one_epoch(run: Run, dataset: PairDataset, epoch: int) -> dict:

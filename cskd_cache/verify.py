@@ -144,6 +144,8 @@ def describe_cache(url: str) -> dict:
         "status": "complete" if cache.complete else "partial" if cache.manifest.get("status") == "partial" and
                   cache.usable_epochs else "incomplete",
         "epochs_usable": cache.usable_epochs,
+        "epochs_complete": cache.held_epochs() if cache.epoch_aligned else
+        (list(range(cache.plan_params.epochs)) if cache.complete else []),
         "shards_done": int(done.sum()), "shards_total": int(len(done)),
         "arrays": arrays,
         "bytes_per_view": {"stored": sum(v["stored"] for v in per_view.values()),
@@ -163,16 +165,30 @@ def format_description(info: dict) -> str:
         f"dataset      {d['kind']} {d['location']}  {d.get('used_samples', d['num_samples'])} samples  "
         f"fingerprint {d['fingerprint'][:16]}",
         f"plan         {m['plan']['epochs']} epochs x {lay['views_per_epoch']} views  repeats "
-        f"{m['plan']['repeats']}  seed {m['plan']['seed']}",
+        f"{m['plan']['repeats']}  seed {m['plan']['seed']}  epochs complete: "
+        f"{_ranges(info['epochs_complete']) or 'none'}",
+        "recipe       " + _recipe_line(m["recipe"]),
+        f"teacher run  precision {t.get('precision', 'fp32')}  normalised with mean {t.get('mean')} std "
+        f"{t.get('std')}",
         f"encoding     {m['encoding']['name']}  {m['encoding'].get('params', {})}  ({_exactness(m['encoding'])})",
         f"layout       {lay['total_views']} views, {lay['chunk_views']} per chunk, {lay['shard_views']} per shard",
         f"bytes/view   {info['bytes_per_view']['stored']:.0f} stored, {info['bytes_per_view']['raw']:.0f} raw",
     ]
+    per = info["bytes_per_view"]["per_array"]
     for name, a in info["arrays"].items():
-        lines.append(f"  {name:14s} {a['dtype']:8s} {a['shape']}")
-    if m.get("bad_samples"):
-        lines.append(f"skipped      {len(m['bad_samples'])} undecodable images: {', '.join(m['bad_samples'][:5])}")
+        b = per.get(name, {}).get("stored")
+        lines.append(f"  {name:14s} {a['dtype']:8s} {str(a['shape']):18s}" + (f" {b:9.1f} B/view" if b else ""))
+    bad = m.get("bad_samples") or []
+    lines.append(f"skipped      {len(bad)} undecodable images" + (": " + ", ".join(repr(k) for k in bad[:10]) +
+                                                                 (f" (+{len(bad) - 10} more)" if len(bad) > 10 else "")
+                                                                 if bad else ""))
     return "\n".join(lines)
+
+
+def _recipe_line(r: dict) -> str:
+    keys = ("input_size", "interpolation", "scale", "hflip", "auto_augment", "re_prob", "mixup_alpha", "cutmix_alpha",
+            "mix_prob", "switch_prob", "label_smoothing")
+    return "  ".join(f"{k} {r.get(k)}" for k in keys if k in r)
 
 
 def _ranges(epochs) -> str:

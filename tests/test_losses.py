@@ -23,8 +23,9 @@ B, K, h, w = 4, 6, 2, 3
     (1.5, 0.0, 0.0, 0.0),
 ])
 def test_ckf_alpha_schedules(x, linear, x2, cos):
-    assert ALPHA_SCHEDULES == ("linear", "x2", "cos")
+    assert ALPHA_SCHEDULES == ("linear", "x2", "cos", "local")
     assert ckf_alpha(x) == pytest.approx(linear)  # linear is the default
+    assert ckf_alpha(x, "local") == 1.0  # the paper's ablation: constant alpha = 1
     for schedule, want in zip(ALPHA_SCHEDULES, (linear, x2, cos)):
         a = ckf_alpha(x, schedule)
         assert a == pytest.approx(want, abs=1e-12) and 0.0 <= a <= 1.0

@@ -1,0 +1,239 @@
+"""`cskd-cache experiment`: does training from the cache give CSKD's gains, and how many cached epochs are enough?
+
+On the demo's digit scenes (real handwritten digits composed into 64x64 scenes whose class needs every cell read),
+one fitted teacher and one cache of T augmented epochs (T = the training epochs: fresh views every epoch, the
+official condition), every arm trains the same small ViT on the same views for the same steps:
+
+- main: no distillation, DeiT hard distillation, CSKD; several seeds (initial weights, drop path, cycle order);
+- the paper's ablation: CSKD with constant alpha = 1 (dense targets only) and the linear, x2, cos schedules;
+- cached epochs: CSKD and DeiT from the first E epochs of the cache (a partial copy, `pull --epochs`), E < T,
+  cycled over the T training epochs (reuse factor T / E);
+- encodings: the same plan cached as `full` (exact logits) and `topk` (lossy); ckf and full must train identically.
+
+Every run is resumable and a finished one is reused, so the command can be stopped and run again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .demo import _reuse_teacher, demo_recipe
+from .errors import CacheError
+from .fit_teacher import FitTeacherConfig, fit_teacher
+from .precompute import PrecomputeConfig, precompute
+from .scenes import write_scene_shards
+from .share import pull
+from .store import Cache
+from .train import TrainConfig, train
+
+
+@dataclass
+class ExperimentConfig:
+    out: str = "cskd-experiment"
+    train_scenes: int = 4000
+    val_scenes: int = 500
+    size: int = 64
+    teacher: str = "test_resnet"
+    teacher_epochs: int = 5
+    student: str = "deit_demo"
+    epochs: int = 10  # T
+    cached_epochs: tuple[int, ...] = (1, 2, 5)  # E < T; E = T is the main arms' cache
+    seeds: tuple[int, ...] = (0, 1, 2)
+    schedules: tuple[str, ...] = ("local", "x2", "cos")  # besides linear, which the main CSKD arm uses
+    topk: int = 2  # the lossy topk arm: classes kept per position (the scenes have 10 classes)
+    batch_size: int = 32
+    lr: float = 1e-3
+    workers: int = 2
+    device: str | None = None
+    arms: list = field(default_factory=list)
+
+    @classmethod
+    def quick(cls, out: str, **kw) -> "ExperimentConfig":
+        """CI's smoke size: every kind of arm, a few seconds each."""
+        return cls(out=out, train_scenes=96, val_scenes=32, teacher_epochs=1, epochs=2, cached_epochs=(1,),
+                   seeds=(0, 1), schedules=("local",), batch_size=16, workers=0, **kw)
+
+
+def _arms(cfg: ExperimentConfig) -> list[dict]:
+    """name, group, cache, and the TrainConfig fields that differ from the base."""
+    arms = []
+    for s in cfg.seeds:
+        arms += [dict(name=f"no distillation, seed {s}", group="main", arm="no distillation", cache="ckf", seed=s,
+                      teacher_source="none"),
+                 dict(name=f"DeiT hard distillation, seed {s}", group="main", arm="DeiT hard distillation",
+                      cache="ckf", seed=s, cskd_weight=0.0),
+                 dict(name=f"CSKD, seed {s}", group="main", arm="CSKD", cache="ckf", seed=s)]
+    s0 = cfg.seeds[0]
+    arms += [dict(name=f"CSKD, alpha {sch}", group="alpha", arm=sch, cache="ckf", seed=s0, alpha_schedule=sch)
+             for sch in cfg.schedules]
+    for e in cfg.cached_epochs:
+        arms += [dict(name=f"CSKD, {e} cached epochs", group="cached", arm="CSKD", cache=f"ckf-{e}", seed=s0, E=e),
+                 dict(name=f"DeiT, {e} cached epochs", group="cached", arm="DeiT hard distillation",
+                      cache=f"ckf-{e}", seed=s0, cskd_weight=0.0, E=e)]
+    arms += [dict(name="CSKD, full cache", group="encoding", arm="full", cache="full", seed=s0),
+             dict(name=f"CSKD, topk cache (k={cfg.topk})", group="encoding", arm="topk", cache="topk", seed=s0)]
+    return arms
+
+
+def _prepare(cfg: ExperimentConfig, times: dict) -> tuple[str, str, dict, float | None]:
+    t = time.time()
+    train_spec, val_spec = write_scene_shards(os.path.join(cfg.out, "data"), cfg.train_scenes, cfg.val_scenes, 0,
+                                              cfg.size)
+    ckpt = os.path.join(cfg.out, "teacher.safetensors")
+    fit = FitTeacherConfig(data=train_spec, out=ckpt, teacher=cfg.teacher, pretrained=False, val_data=val_spec,
+                           epochs=cfg.teacher_epochs, batch_size=64, lr=2e-3, warmup_epochs=0, input_size=cfg.size,
+                           scale=(0.7, 1.0), hflip=0.0, workers=cfg.workers, device=cfg.device, seed=0)
+    report = _reuse_teacher(fit) or fit_teacher(fit)
+    times["data and teacher"] = time.time() - t
+    t = time.time()
+    caches = {}
+    for enc in ("ckf", "full", "topk"):
+        path = os.path.join(cfg.out, f"cache-{enc}.zarr")
+        precompute(PrecomputeConfig(data=train_spec, out=path, teacher=cfg.teacher, teacher_checkpoint=ckpt,
+                                    epochs=cfg.epochs, encoding=enc, topk=cfg.topk, global_topk=cfg.topk,
+                                    recipe=demo_recipe(cfg.size), repeats=1, batch_size=2 * cfg.batch_size,
+                                    workers=cfg.workers, chunk_views=cfg.batch_size, shard_views=8 * cfg.batch_size,
+                                    seed=0, device=cfg.device))
+        caches[enc] = path
+    for e in cfg.cached_epochs:  # the first E epochs, as a lab that pulled part of the cache would have them
+        path = os.path.join(cfg.out, f"cache-ckf-{e}.zarr")
+        if not os.path.exists(os.path.join(path, "zarr.json")):
+            pull(caches["ckf"], path, f"0-{e - 1}", show_progress=False)
+        caches[f"ckf-{e}"] = path
+    times["precompute and partial copies"] = time.time() - t
+    teacher_top1 = report["history"][-1].get("val_top1") if report["history"] else None
+    return train_spec, val_spec, caches, teacher_top1
+
+
+def run_experiment(cfg: ExperimentConfig) -> dict:
+    try:
+        import matplotlib  # noqa: F401 - fail before the work, not after it
+    except ImportError:
+        raise CacheError("the experiment plots with matplotlib: pip install 'cskd-cache[demo]'") from None
+    os.makedirs(cfg.out, exist_ok=True)
+    times: dict[str, float] = {}
+    start = time.time()
+    train_spec, val_spec, caches, teacher_top1 = _prepare(cfg, times)
+    runs = {}
+    for arm in _arms(cfg):
+        t = time.time()
+        knobs = {k: v for k, v in arm.items() if k in TrainConfig.__dataclass_fields__ and k != "cache"}
+        folder = os.path.join(cfg.out, "runs", arm["name"].replace(", ", "-").replace(" ", "_").replace("=", ""))
+        tc = TrainConfig(student=cfg.student, data=train_spec, out=folder, cache=caches[arm["cache"]],
+                         val_data=val_spec, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, warmup_epochs=0,
+                         min_lr=1e-5, ema_decay=0.0, workers=cfg.workers, device=cfg.device, resume=True, **knobs)
+        history = train(tc)
+        top1 = [r["top1"] for r in history]
+        runs[arm["name"]] = {**{k: v for k, v in arm.items() if k != "name"}, "top1_per_epoch": top1,
+                             "final_top1": top1[-1], "best_top1": max(top1), "seconds": time.time() - t}
+    times["trainings"] = sum(r["seconds"] for r in runs.values())
+    results = {"config": asdict(cfg), "teacher_top1": teacher_top1, "runs": runs, "seconds": times,
+               "total_seconds": time.time() - start, "summary": summarize(runs, cfg),
+               "ckf_equals_full": _same_weights(cfg, "CSKD, seed {}".format(cfg.seeds[0]), "CSKD, full cache")}
+    with open(os.path.join(cfg.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(cfg.out, "results.md"), "w") as f:
+        f.write(format_tables(results) + "\n")
+    plot(results, cfg.out)
+    return results
+
+
+def _same_weights(cfg: ExperimentConfig, a: str, b: str) -> bool:
+    """ckf and full caches give the same CKF targets, so the two runs must end with the same weights, bit for bit."""
+    name = lambda arm: arm.replace(", ", "-").replace(" ", "_").replace("=", "")
+    wa = torch.load(os.path.join(cfg.out, "runs", name(a), "checkpoint.pth"), weights_only=True)["model"]
+    wb = torch.load(os.path.join(cfg.out, "runs", name(b), "checkpoint.pth"), weights_only=True)["model"]
+    return all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _stats(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarize(runs: dict, cfg: ExperimentConfig) -> dict:
+    main = {}
+    for arm in ("no distillation", "DeiT hard distillation", "CSKD"):
+        rs = [r for r in runs.values() if r["group"] == "main" and r["arm"] == arm]
+        main[arm] = {"best": _stats([r["best_top1"] for r in rs]), "final": _stats([r["final_top1"] for r in rs])}
+    s0 = cfg.seeds[0]
+    alpha = {"linear": runs[f"CSKD, seed {s0}"]["best_top1"],
+             **{r["arm"]: r["best_top1"] for r in runs.values() if r["group"] == "alpha"}}
+    cached = {}
+    for arm in ("CSKD", "DeiT hard distillation"):  # E = T is the main arm's run with the same seed
+        cached[arm] = {**{r["E"]: r["best_top1"] for r in runs.values() if r["group"] == "cached" and r["arm"] == arm},
+                       cfg.epochs: runs[f"{arm}, seed {s0}"]["best_top1"]}
+    enc = {"ckf": runs[f"CSKD, seed {s0}"]["best_top1"],
+           **{r["arm"]: r["best_top1"] for r in runs.values() if r["group"] == "encoding"}}
+    return {"main": main, "alpha": alpha, "cached_epochs": cached, "encoding": enc}
+
+
+def format_tables(results: dict) -> str:
+    s, cfg = results["summary"], results["config"]
+    seeds = len(cfg["seeds"])
+    out = [f"| student (same views, same steps; {seeds} seeds) | best top-1 % (mean +- std) | final top-1 % "
+           "(mean +- std) |", "|---|---|---|"]
+    for arm, r in s["main"].items():
+        out.append(f"| {arm} | {r['best']['mean']:.1f} +- {r['best']['std']:.1f} | "
+                   f"{r['final']['mean']:.1f} +- {r['final']['std']:.1f} |")
+    if results.get("teacher_top1") is not None:
+        out.append(f"| (teacher, {cfg['teacher']}) | {results['teacher_top1']:.1f} | |")
+    out += ["", "| CSKD alpha schedule (seed 0) | best top-1 % |", "|---|---|"]
+    out += [f"| {k}{' (constant alpha = 1: dense targets only)' if k == 'local' else ''} | {v:.1f} |"
+            for k, v in s["alpha"].items()]
+    out += ["", f"| cached epochs E (training: {cfg['epochs']} epochs, reuse = {cfg['epochs']} / E) | CSKD best "
+            "top-1 % | DeiT best top-1 % |", "|---|---|---|"]
+    for e in sorted(s["cached_epochs"]["CSKD"], key=int):
+        out.append(f"| {e} | {s['cached_epochs']['CSKD'][e]:.1f} | {s['cached_epochs']['DeiT hard distillation'][e]:.1f} |")
+    out += ["", "| cache encoding (CSKD, seed 0) | best top-1 % |", "|---|---|"]
+    out += [f"| {k} | {v:.1f} |" for k, v in s["encoding"].items()]
+    out.append(f"\nckf and full trained to the same weights, bit for bit: {results['ckf_equals_full']}")
+    out.append(f"\nwall time {results['total_seconds'] / 60:.1f} min: " +
+               ", ".join(f"{k} {v / 60:.1f} min" for k, v in results["seconds"].items()))
+    return "\n".join(out)
+
+
+def plot(results: dict, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, cfg = results["runs"], results["config"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in ("no distillation", "DeiT hard distillation", "CSKD"):
+        curves = [r["top1_per_epoch"] for r in runs.values() if r["group"] == "main" and r["arm"] == arm]
+        mean = [statistics.mean(c[i] for c in curves) for i in range(len(curves[0]))]
+        lo = [min(c[i] for c in curves) for i in range(len(curves[0]))]
+        hi = [max(c[i] for c in curves) for i in range(len(curves[0]))]
+        x = range(1, len(mean) + 1)
+        ax.plot(x, mean, marker="o", label=f"{arm} ({len(curves)} seeds)")
+        ax.fill_between(x, lo, hi, alpha=0.2)
+    if results.get("teacher_top1") is not None:
+        ax.axhline(results["teacher_top1"], color="gray", linestyle="--", label="teacher")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title("same views, same steps: mean and range over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "accuracy_per_epoch.png"), dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm, values in results["summary"]["cached_epochs"].items():
+        es = sorted(values, key=int)
+        ax.plot([int(e) for e in es], [values[e] for e in es], marker="o", label=arm)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"cached epochs E (training {cfg['epochs']} epochs; each view used {cfg['epochs']}/E times)")
+    ax.set_ylabel("best validation top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "accuracy_vs_cached_epochs.png"), dpi=110)
+    plt.close(fig)
