@@ -74,3 +74,26 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     assert code == 0, text
     again = json.loads((out / "results.json").read_text())
     assert again["runs"] == results["runs"] and again["seconds"]["fit-teacher"] < results["seconds"]["fit-teacher"]
+
+
+def test_experiment_quick_runs_every_arm_and_resumes(tmp_path):
+    """`cskd-cache experiment --quick`: every kind of arm at a tiny size; ckf and full train to the same weights;
+    tables, JSON and plots are written; a second run reuses everything."""
+    out = tmp_path / "exp"
+    code, text = run_cli("experiment", "--quick", "--out", out)
+    assert code == 0, text
+    results = json.loads((out / "results.json").read_text())
+    assert results["ckf_equals_full"] is True
+    s = results["summary"]
+    assert set(s["main"]) == {"no distillation", "DeiT hard distillation", "CSKD"}
+    assert s["main"]["CSKD"]["best"]["n"] == 2 and set(s["alpha"]) == {"linear", "local"}
+    assert set(s["encoding"]) == {"ckf", "full", "topk"} and set(map(int, s["cached_epochs"]["CSKD"])) == {1, 2}
+    for png in ("accuracy_per_epoch.png", "accuracy_vs_cached_epochs.png"):
+        with Image.open(out / png) as img:
+            assert img.format == "PNG"
+    assert "best top-1 % (mean +- std)" in (out / "results.md").read_text()
+    code, text = run_cli("experiment", "--quick", "--out", out)
+    assert code == 0, text
+    again = json.loads((out / "results.json").read_text())
+    assert {k: v["best_top1"] for k, v in again["runs"].items()} == {k: v["best_top1"] for k, v in
+                                                                     results["runs"].items()}

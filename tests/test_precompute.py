@@ -65,6 +65,8 @@ def test_precompute_inspect_verify(tmp_path, image_folder, teacher_checkpoint):
     assert info["bytes_per_view"]["stored"] > 0
     code, text = run_cli("inspect", out)
     assert code == 0 and "test_resnet" in text and "grid 2x2" in text
+    assert "epochs complete: 0-1" in text and "recipe       input_size 64" in text  # what a user asks first
+    assert "B/view" in text and "skipped      0 undecodable images" in text
     code, text = run_cli("verify", out, "--replay", "12", "--data", image_folder)
     assert code == 0 and "12 replayed views match" in text, text
 
