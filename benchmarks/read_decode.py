@@ -57,7 +57,8 @@ def main() -> None:
     teacher = lite0_checkpoint(f"{tmp}/lite0.safetensors")
     src = precompute(PrecomputeConfig(data=str(data), out=f"{tmp}/src.zarr", teacher=teacher,
                                       teacher_checkpoint=f"{tmp}/lite0.safetensors", recipe=Recipe(input_size=size),
-                                      batch_size=32, workers=2, chunk_views=64, shard_views=128, device="cpu"))
+                                      epochs=1, batch_size=32, workers=2, chunk_views=64, shard_views=128,
+                                      device="cpu"))
     cache = tiled_cache(src, f"{tmp}/big.zarr", views)
     enc, rows = cache.encoding, []
     n = cache.num_views

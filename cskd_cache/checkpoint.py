@@ -12,11 +12,11 @@ import torch
 from .errors import CacheError
 
 
-# Flags that may change between a run and its --resume: they do not alter what is computed (data and cache may
-# move; their identity is checked by fingerprint).
+# Flags that may change between a run and its --resume: they do not alter what is computed (data, cache and the
+# run folder itself may move; the data's and cache's identity is checked by fingerprint).
 # --epochs may grow (training extended: the cosine and alpha schedules stretch from the resumed epoch on).
-_RESUME_FREE = {"workers", "device", "resume", "force", "tensorboard", "data", "cache", "val_data", "epochs", "stop_after", "match",
-                "replay_tolerance", "compile"}
+_RESUME_FREE = {"workers", "device", "resume", "force", "tensorboard", "out", "data", "cache", "val_data", "epochs",
+                "stop_after", "match", "replay_tolerance", "compile"}
 
 
 def _check_resume(cfg, saved: dict, path: str) -> None:
@@ -64,6 +64,9 @@ def resume(run) -> None:
     if run.ema is not None and ck.get("ema") is not None:
         run.ema.load_state_dict(ck["ema"])
     run.start_epoch, run.history = ck["epoch"] + 1, ck["history"]
+    if run.dist.main:
+        print(f"resuming {cfg.out} at epoch {run.start_epoch} of {cfg.epochs}" if run.start_epoch < cfg.epochs else
+              f"{cfg.out} has trained all {cfg.epochs} epochs already; nothing left to train")
     if run.dist.main and run.history:  # a kill between the checkpoint and the log: the log follows the checkpoint
         _write_log(run)
 

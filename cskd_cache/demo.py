@@ -70,7 +70,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     ckpt = os.path.join(cfg.out, "teacher.safetensors")
     fit = FitTeacherConfig(data=train_spec, out=ckpt, teacher=cfg.teacher, pretrained=False, val_data=val_spec,
                            epochs=cfg.teacher_epochs, batch_size=64, lr=2e-3, warmup_epochs=0,
-                           input_size=cfg.size, scale=(0.7, 1.0), hflip=0.0, workers=cfg.workers, device=cfg.device, seed=cfg.seed)
+                           input_size=cfg.size, scale=(0.7, 1.0), hflip=0.0, workers=cfg.workers, device=cfg.device,
+                           seed=cfg.seed)
     report = _timed(times, "fit-teacher", lambda: _reuse_teacher(fit) or fit_teacher(fit))
     teacher_top1 = report["history"][-1].get("val_top1") if report["history"] else None
 
@@ -95,7 +96,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                        "top1_per_epoch": [r["top1"] for r in history]}
 
     results = {"config": asdict(cfg), "teacher_top1": teacher_top1, "runs": runs, "seconds": times,
-               "total_seconds": sum(times.values()), "cache_bytes_per_view": sum(a["stored"] for a in cache.bytes_per_view().values()),
+               "total_seconds": sum(times.values()),
+               "cache_bytes_per_view": sum(a["stored"] for a in cache.bytes_per_view().values()),
                "views_cached": cache.num_views}
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)

@@ -36,7 +36,7 @@ class PrecomputeConfig:
     teacher: str
     pretrained: bool = False
     teacher_checkpoint: str | None = None
-    epochs: int = 1
+    epochs: int = 60  # DeiT's 300 training epochs, each view used 5 times (docs/results.md)
     encoding: str = "ckf"
     ckf_width: int = 8
     topk: int = 10

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
@@ -27,7 +28,7 @@ from .engine import TeacherTargets, evaluate, train_one_epoch
 from .errors import CacheError
 from .loader import RankBatches, epoch_loader
 from .losses import CSKD_TYPES, DISTILL_TYPES, CSKDLoss, alpha_at
-from .order import epoch_views, reuse_factor
+from .order import MAX_MEASURED_REUSE, epoch_views, reuse_factor
 from .plan import make_epoch_plan
 from .store import Cache
 from .student import create_student
@@ -284,11 +285,17 @@ def train(cfg: TrainConfig, dist: Dist | None = None) -> list[dict]:
               "training "
               f"epochs of {run.steps} steps x {cfg.batch_size * dist.world}: each view used {reuse:g} times"
               + (" (the official condition is 1: fresh views every epoch)" if reuse > 1 else ""))
+        if reuse > MAX_MEASURED_REUSE:
+            need = -(-cfg.epochs // MAX_MEASURED_REUSE)
+            print(f"warning: each view used {reuse:g} times; docs/results.md measured lower accuracy at 10 than at "
+                  f"{MAX_MEASURED_REUSE} or fewer. `cskd-cache precompute --epochs {need}` with the cache's own "
+                  "flags extends it")
     dataset = PairDataset(run.source, run.recipe, run.fingerprint_kind)
     board = _board(cfg) if dist.main else None
     if dist.main:
         write_args(cfg)
     for epoch in range(run.start_epoch, min(cfg.epochs, cfg.stop_after or cfg.epochs)):
+        started = time.time()
         row = _one_epoch(run, dataset, epoch)
         row["reuse_factor"] = reuse
         if run.val is not None:
@@ -297,6 +304,7 @@ def train(cfg: TrainConfig, dist: Dist | None = None) -> list[dict]:
                 row.update({f"ema_{k}": v for k, v in evaluate(run.ema.module, run.val, run.device, dist).items()})
             # what the paper reports: the best top-1 of the raw model over epochs
             row["best_top1"] = max([r["top1"] for r in run.history] + [row["top1"]])
+        row["seconds"] = time.time() - started  # the epoch's wall time, evaluation included
         run.history.append(row)
         if dist.main:
             print(json.dumps(row))

@@ -274,7 +274,8 @@ class PairDataset(torch.utils.data.Dataset):
         xa, xb = replay_pair(self.transform, img_a, img_b, seed_a, seed_b, float(lam), int(mode), box)
         ya, yb = self.source.labels[int(sample_a)], self.source.labels[int(sample_b)]
         return {"view": torch.tensor([view, view + 1]), "image": torch.stack([xa, xb]),
-                "fingerprint": torch.tensor([fingerprint(xa, self.fingerprint_kind), fingerprint(xb, self.fingerprint_kind)],
+                "fingerprint": torch.tensor([fingerprint(xa, self.fingerprint_kind),
+                                            fingerprint(xb, self.fingerprint_kind)],
                                             dtype=torch.int64),
                 "signature": torch.from_numpy(np.stack([signature(xa), signature(xb)])),
                 "label": torch.tensor([ya, yb]), "partner_label": torch.tensor([yb, ya]),

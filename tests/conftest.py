@@ -73,7 +73,8 @@ def precompute_args(data, out, ckpt, *extra) -> list[str]:
     """CLI flags for a tiny, fast cache: 64 px views (2x2 teacher grid), no RandAugment, small shards."""
     return ["precompute", "--data", str(data), "--out", str(out), "--teacher", TEACHER,
             "--teacher-checkpoint", str(ckpt), "--input-size", "64", "--auto-augment", "none",
-            "--batch-size", "8", "--chunk-views", "4", "--shard-views", "8", "--workers", "0", *extra]
+            "--batch-size", "8", "--chunk-views", "4", "--shard-views", "8", "--workers", "0", "--epochs", "1",
+            *extra]  # a later --epochs in extra wins
 
 
 def make_real_photos(root, per_class: int = 6, size: int = 96, seed: int = 0):

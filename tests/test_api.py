@@ -127,7 +127,8 @@ def test_practitioners_flag_names_and_version(tmp_path, image_folder, teacher_ch
     code, text = run_cli("precompute", "--data", image_folder, "--output", out, "--teacher", "test_resnet",
                          "--teacher-checkpoint", teacher_checkpoint, "--input-size", "64", "--aa", "rand-m5-mstd0.5",
                          "--reprob", "0.3", "--mixup-prob", "0.5", "--mixup-switch-prob", "0.25", "--smoothing",
-                         "0.2", "--batch-size", "8", "--chunk-views", "4", "--shard-views", "8", "--workers", "0")
+                         "0.2", "--batch-size", "8", "--chunk-views", "4", "--shard-views", "8", "--workers", "0",
+                         "--epochs", "1")
     assert code == 0, text
     r = Cache.open(str(out)).manifest["recipe"]
     assert (r["auto_augment"], r["re_prob"], r["mix_prob"], r["switch_prob"], r["label_smoothing"]) == (

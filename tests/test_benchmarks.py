@@ -10,8 +10,8 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).parents[1]
-BENCHMARKS = ["storage", "train_throughput", "read_decode", "precompute_throughput", "replay", "syncs", "memory",
-              "scale"]
+BENCHMARKS = ["storage", "dense_agreement", "train_throughput", "read_decode", "precompute_throughput", "replay",
+              "syncs", "memory", "scale"]
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)

@@ -84,6 +84,10 @@ def test_experiment_quick_runs_every_arm_and_resumes(tmp_path):
     assert code == 0, text
     results = json.loads((out / "results.json").read_text())
     assert results["ckf_equals_full"] is True
+    t = results["teacher_dense_vs_global"]
+    assert t["positions"] == 96 * 4 and 0 <= t["agree"] <= 1 and 0 < t["top_prob_agree"] <= 1  # 2x2 grid
+    assert 0 <= results["topk_target_mismatch"] <= 1
+    assert all(r["seconds"] > 0 for r in results["runs"].values())
     s = results["summary"]
     assert set(s["main"]) == {"no distillation", "DeiT hard distillation", "CSKD"}
     assert s["main"]["CSKD"]["best"]["n"] == 2 and set(s["alpha"]) == {"linear", "local"}
@@ -97,3 +101,6 @@ def test_experiment_quick_runs_every_arm_and_resumes(tmp_path):
     again = json.loads((out / "results.json").read_text())
     assert {k: v["best_top1"] for k, v in again["runs"].items()} == {k: v["best_top1"] for k, v in
                                                                      results["runs"].items()}
+    # a reused run reports its own epochs' time, not the seconds it took to find it finished
+    assert {k: v["seconds"] for k, v in again["runs"].items()} == {k: v["seconds"] for k, v in results["runs"].items()}
+    assert "has trained all 2 epochs already" in text

@@ -143,7 +143,8 @@ def test_epoch_order_reaches_every_view_and_cycles_differ():
     cycles = [epoch_views(e, 1, vpe, gb, steps, block, seed=0) for e in range(6)]
     assert np.array_equal(cycles[0], np.arange(96))
     for v in cycles:
-        assert len(v) == 96 and len(set(v.tolist())) == 96 and (v[0::2] % 2 == 0).all() and (v[1::2] == v[0::2] + 1).all()
+        assert len(v) == 96 and len(set(v.tolist())) == 96
+        assert (v[0::2] % 2 == 0).all() and (v[1::2] == v[0::2] + 1).all()
     assert set(np.concatenate(cycles).tolist()) == set(range(100))  # the tail is not the same every cycle
     b0 = {frozenset(cycles[0][s * gb:(s + 1) * gb].tolist()) for s in range(steps)}
     b1 = {frozenset(cycles[1][s * gb:(s + 1) * gb].tolist()) for s in range(steps)}
