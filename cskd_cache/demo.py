@@ -57,22 +57,32 @@ def _timed(times: dict, stage: str, fn, *args):
     return out
 
 
-def run_demo(cfg: DemoConfig) -> dict:
+def require_matplotlib(what: str) -> None:
     try:
         import matplotlib  # noqa: F401 - fail before the work, not after it
     except ImportError:
-        raise CacheError("the demo plots with matplotlib: pip install 'cskd-cache[demo]'") from None
+        raise CacheError(f"the {what} plots with matplotlib: pip install 'cskd-cache[demo]'") from None
+
+
+def scene_teacher(out: str, train_spec: str, val_spec: str, teacher: str, epochs: int, size: int, workers: int,
+                  device: str | None, seed: int) -> tuple[str, dict]:
+    """The scenes' teacher, fitted once (OUT/teacher.safetensors) and reused after: its path and fit report."""
+    ckpt = os.path.join(out, "teacher.safetensors")
+    fit = FitTeacherConfig(data=train_spec, out=ckpt, teacher=teacher, pretrained=False, val_data=val_spec,
+                           epochs=epochs, batch_size=64, lr=2e-3, warmup_epochs=0, input_size=size,
+                           scale=(0.7, 1.0), hflip=0.0, workers=workers, device=device, seed=seed)
+    return ckpt, _reuse_teacher(fit) or fit_teacher(fit)
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    require_matplotlib("demo")
     os.makedirs(cfg.out, exist_ok=True)
     times: dict[str, float] = {}
     train_spec, val_spec = _timed(times, "make scenes (WebDataset shards)", write_scene_shards,
                                   os.path.join(cfg.out, "data"), cfg.train_scenes, cfg.val_scenes, cfg.seed, cfg.size)
 
-    ckpt = os.path.join(cfg.out, "teacher.safetensors")
-    fit = FitTeacherConfig(data=train_spec, out=ckpt, teacher=cfg.teacher, pretrained=False, val_data=val_spec,
-                           epochs=cfg.teacher_epochs, batch_size=64, lr=2e-3, warmup_epochs=0,
-                           input_size=cfg.size, scale=(0.7, 1.0), hflip=0.0, workers=cfg.workers, device=cfg.device,
-                           seed=cfg.seed)
-    report = _timed(times, "fit-teacher", lambda: _reuse_teacher(fit) or fit_teacher(fit))
+    ckpt, report = _timed(times, "fit-teacher", scene_teacher, cfg.out, train_spec, val_spec, cfg.teacher,
+                          cfg.teacher_epochs, cfg.size, cfg.workers, cfg.device, cfg.seed)
     teacher_top1 = report["history"][-1].get("val_top1") if report["history"] else None
 
     cache_path = os.path.join(cfg.out, "teacher-cache.zarr")

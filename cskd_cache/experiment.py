@@ -23,9 +23,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .demo import _reuse_teacher, demo_recipe
+from .demo import demo_recipe, require_matplotlib, scene_teacher
 from .errors import CacheError
-from .fit_teacher import FitTeacherConfig, fit_teacher
 from .precompute import PrecomputeConfig, precompute
 from .scenes import write_scene_shards
 from .share import pull
@@ -88,11 +87,8 @@ def _prepare(cfg: ExperimentConfig, times: dict) -> tuple[str, str, dict, float 
     t = time.time()
     train_spec, val_spec = write_scene_shards(os.path.join(cfg.out, "data"), cfg.train_scenes, cfg.val_scenes, 0,
                                               cfg.size)
-    ckpt = os.path.join(cfg.out, "teacher.safetensors")
-    fit = FitTeacherConfig(data=train_spec, out=ckpt, teacher=cfg.teacher, pretrained=False, val_data=val_spec,
-                           epochs=cfg.teacher_epochs, batch_size=64, lr=2e-3, warmup_epochs=0, input_size=cfg.size,
-                           scale=(0.7, 1.0), hflip=0.0, workers=cfg.workers, device=cfg.device, seed=0)
-    report = _reuse_teacher(fit) or fit_teacher(fit)
+    ckpt, report = scene_teacher(cfg.out, train_spec, val_spec, cfg.teacher, cfg.teacher_epochs, cfg.size,
+                                 cfg.workers, cfg.device, seed=0)
     times["data and teacher"] = time.time() - t
     t = time.time()
     caches = {}
@@ -115,10 +111,7 @@ def _prepare(cfg: ExperimentConfig, times: dict) -> tuple[str, str, dict, float 
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict:
-    try:
-        import matplotlib  # noqa: F401 - fail before the work, not after it
-    except ImportError:
-        raise CacheError("the experiment plots with matplotlib: pip install 'cskd-cache[demo]'") from None
+    require_matplotlib("experiment")
     os.makedirs(cfg.out, exist_ok=True)
     times: dict[str, float] = {}
     start = time.time()
