@@ -49,7 +49,7 @@ def main() -> None:
         cfg = PrecomputeConfig(data=str(data), out=out, teacher=args.teacher, teacher_checkpoint=ckpt,
                                recipe=Recipe(input_size=size), epochs=epochs, repeats=1, batch_size=args.batch,
                                workers=args.workers, chunk_views=args.batch, shard_views=4 * args.batch,
-                               device=args.device)
+                               device=args.device, same_label_space=True)  # photos, an ImageNet teacher
         t = time.perf_counter()
         cache = precompute(cfg)
         return time.perf_counter() - t, cache

@@ -39,8 +39,9 @@ def tiled_cache(src: Cache, out: str, views: int, shard_views: int = 2048, chunk
     for s in range(cache.num_shards):
         a, b = cache.shard_range(s)
         idx = np.arange(a, b) % n
-        replay = {"fingerprint": rng.integers(1, 2**62, b - a), "signature": rng.integers(-64, 64, (b - a, 48),
-                                                                                            dtype=np.int8)}
+        width = cache.replay_specs["signature"][0][0]
+        replay = {"fingerprint": rng.integers(1, 2**62, b - a),
+                  "signature": rng.integers(-64, 64, (b - a, width), dtype=np.int8)}
         write.write_shard(cache, s, {k: v[idx] for k, v in arrays.items()}, replay, None)
     write.finalize(cache)
     return Cache.open(out)
@@ -58,7 +59,7 @@ def main() -> None:
     src = precompute(PrecomputeConfig(data=str(data), out=f"{tmp}/src.zarr", teacher=teacher,
                                       teacher_checkpoint=f"{tmp}/lite0.safetensors", recipe=Recipe(input_size=size),
                                       epochs=1, batch_size=32, workers=2, chunk_views=64, shard_views=128,
-                                      device="cpu"))
+                                      device="cpu", same_label_space=True))  # photos, an ImageNet teacher
     cache = tiled_cache(src, f"{tmp}/big.zarr", views)
     enc, rows = cache.encoding, []
     n = cache.num_views

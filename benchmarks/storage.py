@@ -72,7 +72,8 @@ def main() -> None:
         cfg = PrecomputeConfig(data=str(data), out=f"{tmp}/{enc}.zarr", teacher=teacher,
                                teacher_checkpoint=f"{tmp}/lite0.safetensors", encoding=enc, epochs=epochs,
                                recipe=Recipe(input_size=size), batch_size=32, workers=2, chunk_views=64,
-                               shard_views=128, device=str(device))  # an epoch is 70 views here: small shards
+                               shard_views=128, device=str(device),  # an epoch is 70 views here: small shards
+                               same_label_space=True)  # photos, an ImageNet teacher
         t = time.perf_counter()
         cache = caches[enc] = precompute(cfg)
         per = cache.bytes_per_view()

@@ -43,7 +43,8 @@ def main() -> None:
     random_checkpoint("test_resnet", ckpt, num_classes=1000)
     cache = precompute(PrecomputeConfig(data=str(data), out=f"{tmp}/c.zarr", teacher="test_resnet",
                                         teacher_checkpoint=ckpt, recipe=Recipe(input_size=64), epochs=2,
-                                        batch_size=8, workers=0, chunk_views=8, shard_views=32))
+                                        batch_size=8, workers=0, chunk_views=8, shard_views=32,
+                                        same_label_space=True))  # a random teacher: labels do not matter here
     run = train_setup(TrainConfig(student="deit_tiny_distilled_patch16_224", data=str(data), out=f"{tmp}/run",
                                   cache=cache.url, epochs=2, batch_size=4, max_steps=steps, workers=0,
                                   ema_decay=0.99, device=args.device), Dist())

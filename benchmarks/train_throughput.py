@@ -69,7 +69,8 @@ def main() -> None:
     cache = precompute(PrecomputeConfig(data=str(data), out=f"{tmp}/cache.zarr", teacher=args.teacher,
                                         teacher_checkpoint=ckpt, recipe=Recipe(input_size=size), epochs=2, repeats=1,
                                         batch_size=2 * args.batch, workers=args.workers, chunk_views=chunk,
-                                        shard_views=chunk * 4, device=args.device)).url
+                                        shard_views=chunk * 4, device=args.device,
+                                        same_label_space=True)).url  # photos, an ImageNet teacher
     rows = []
     for student, modes, batch in ((args.student, MODES, args.batch), (args.tiny_student, ("cache", "none"),
                                                                        args.tiny_batch)):

@@ -65,9 +65,10 @@ def train(
     compile: bool = typer.Option(False, help="torch.compile the student's training forward: pays off on a GPU over "
                                              "a long run (on a CPU, compiling costs more than it saves)."),
     tensorboard: bool = typer.Option(False, help="Also write TensorBoard event files to OUT/tensorboard."),
-    replay_tolerance: float = typer.Option(0.05, min=0.0, help="Largest drift of a replayed view's signature from "
-                                                              "the one cached (normalised units) that is tolerated "
-                                                              "and counted; 0 = strict (exact pixels only)."),
+    replay_tolerance: Optional[float] = typer.Option(
+        None, min=0.0, help="Largest drift of a replayed view's signature from the one cached (normalised units) that "
+                            "is tolerated and counted (default: 0.025 for format-3 caches, 0.05 for older ones); 0 = "
+                            "exact pixels only."),
     seed: int = typer.Option(0, help="Seed of initial weights, drop path and cycle orders."),
     repeats: int = typer.Option(3, min=1, help="Without a cache: repeated augmentation of the plan (a cache brings "
                                                "its own)."),

@@ -23,7 +23,7 @@ from .encodings import Encoding
 from .engine import TeacherTargets
 from .errors import CacheError
 from .loader import RankBatches, epoch_loader
-from .losses import mixup_target
+from .losses import CSKDLoss, mixup_target
 from .order import epoch_views
 from .store import Cache, to_torch
 from .student import CSKDStudent, create_student
@@ -36,10 +36,11 @@ class CachedViews:
     cache: path or URL of a complete (or partial) cache. data: the dataset it was made from (`match`: key | stem
     | content, for another packaging of the same images). batch_size: views per rank and step (even).
     rank/world: this process's share under torchrun. seed: the order of later cycles over the cache.
-    replay_tolerance: tolerated signature drift of a replayed view (0: exact pixels only)."""
+    replay_tolerance: tolerated signature drift of a replayed view (None: the cache's signature's default; 0: exact
+    pixels only)."""
 
     def __init__(self, cache: str, data: str, batch_size: int = 64, *, rank: int = 0, world: int = 1, seed: int = 0,
-                 match: str = "key", replay_tolerance: float = 0.05, max_steps: int | None = None):
+                 match: str = "key", replay_tolerance: float | None = None, max_steps: int | None = None):
         if batch_size < 2 or batch_size % 2:
             raise CacheError("batch_size must be an even number >= 2 (views come in mixing pairs)")
         self.url, self.cache = cache, Cache.open(cache)
@@ -85,7 +86,7 @@ class CachedViews:
         tolerance raises CacheError."""
         key = (workers, pin_memory)
         if key not in self._loaders:
-            dataset = PairDataset(self.source, self.recipe, self.cache.fingerprint_kind)
+            dataset = PairDataset(self.source, self.recipe, self.cache.fingerprint_kind, self.cache.signature_kind)
             self._loaders[key] = epoch_loader(dataset, self._batches, self.url, workers, pin_memory, self.tolerance)
         return _Checked(self._loaders[key])
 
@@ -94,12 +95,16 @@ class CachedViews:
         return mixup_target(batch["label"].to(device), batch["partner_label"].to(device), batch["lam"].to(device),
                             self.num_classes, self.recipe.label_smoothing)
 
-    def teacher(self, batch: dict, alpha: float, device="cpu",
-                needs=("teacher_global_argmax", "ckf_targets")) -> dict[str, torch.Tensor]:
-        """The teacher tensors a CSKDLoss takes, decoded on `device` (pass `criterion.needs` for exactly those):
-        teacher_global_argmax [B], ckf_targets [B, h*w], teacher_global [B, K], ckf_logits [B, h*w, K]."""
+    def teacher(self, batch: dict, alpha: float, device="cpu", needs=None) -> dict[str, torch.Tensor]:
+        """The teacher tensors your loss takes, decoded on `device`. `needs`: the CSKDLoss itself (its `needs` say
+        which tensors it uses: a soft loss gets the logits it needs, never the hard targets it would ignore), or
+        names among teacher_global_argmax [B], ckf_targets [B, h*w], teacher_global [B, K], ckf_logits [B, h*w, K];
+        by default what the default CSKDLoss (hard distillation, hard CKF) takes."""
+        if needs is None:
+            needs = CSKDLoss().needs
+        needs = set(getattr(needs, "needs", needs))
         x = torch.empty(0, device=device)
-        return TeacherTargets(self.encoding, set(needs))(batch, x, alpha)
+        return TeacherTargets(self.encoding, needs)(batch, x, alpha)
 
     def student(self, name: str = "deit_s", **kwargs) -> CSKDStudent:
         """A CSKD student that fits this cache: its classes, input size, the teacher's grid, the views'

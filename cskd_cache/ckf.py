@@ -8,7 +8,9 @@ that is about 2.3 classes per position (7x7 grid, 1000 classes). Per view we sto
                                     position, ordered by global logit (fp32), so each global value is stored once
   global_lse                        log-sum-exp of the global logits (soft distillation, see encodings.py)
   ckf_slot [P, W] uint8             per position, its candidates as indices into the table, ascending by class
-                                    (argmax takes the first of equal values, i.e. the lowest class, as `full` does)
+                                    (argmax takes the first of equal values, i.e. the lowest class, as `full` does);
+                                    255 = empty. uint16 (65535 = empty) when the table is wider than 254 classes
+                                    (e.g. --global-topk 1000 for exact soft distillation)
   ckf_dense [P, W] fp16             their dense logits
   ckf_count [P] uint8               the number of candidates, or 255: this position's row is in `spill/` (more
                                     candidates than W, or a class the table could not hold; rare)
@@ -31,7 +33,8 @@ from .encodings import (_GLOBAL_ABSENT, ArraySpec, Encoding, _check_alpha, _chec
 
 _U32 = 2.0**-24  # fp32 unit roundoff
 _CHUNK = 2**22  # elements per float64 work tensor in the analysis (~32 MB), bounds memory for big K
-EMPTY, SPILLED = 255, 255  # ckf_slot: no candidate; ckf_count: the position's row is in spill/
+EMPTY, SPILLED = 255, 255  # ckf_slot (uint8): no candidate; ckf_count: the position's row is in spill/
+MAX_WIDTH = 65534  # widest table a uint16 slot can index (65535 = empty)
 
 
 def _eps(d: Tensor, g: Tensor) -> Tensor:
@@ -143,14 +146,19 @@ class CKFEncoding(Encoding):
         global_width = global_width or min(254, max(48, positions + 16))
         super().__init__(num_classes, positions, ckf_width=ckf_width, global_topk=global_topk,
                          global_width=max(global_width, global_topk))
-        self.params["global_width"] = min(self.params["global_width"], 254, self.num_classes)  # uint8 slots
+        # the global top-k always fits: a table wider than 254 classes takes 2-byte slots (asked-for exactness is
+        # stored, never silently cut to what one byte can index)
+        self.params["global_width"] = min(self.params["global_width"], MAX_WIDTH, self.num_classes)
+        self.params["global_topk"] = min(self.params["global_topk"], self.params["global_width"])
         self.params["ckf_width"] = min(self.params["ckf_width"], 254)
+        self.slot_dtype = "uint8" if self.params["global_width"] <= 254 else "uint16"
+        self.empty = EMPTY if self.slot_dtype == "uint8" else 65535
         self.exact_global = self.params["global_topk"] == self.num_classes
 
     def arrays(self) -> dict[str, ArraySpec]:
         P, W, G = self.positions, self.params["ckf_width"], self.params["global_width"]
         # ckf_dense: a few fp16 values per position and zero padding; unshuffled it compresses about 10% better
-        return {"ckf_slot": ArraySpec((P, W), "uint8", EMPTY),
+        return {"ckf_slot": ArraySpec((P, W), self.slot_dtype, self.empty),
                 "ckf_dense": ArraySpec((P, W), "float16", math.nan, shuffle=False),
                 "ckf_count": ArraySpec((P,), "uint8", 0), "global_class": ArraySpec((G,), self.cdtype, -1),
                 "global_value": ArraySpec((G,), "float32", math.nan), "global_lse": ArraySpec((), "float32", math.nan)}
@@ -178,18 +186,18 @@ class CKFEncoding(Encoding):
         table = torch.full((B, G + 1), -1, dtype=torch.long, device=dev)
         table.scatter_(1, torch.where(fits, place, G), order)
         table = table[:, :G]
-        slot_of_class = torch.full((B, K), EMPTY, dtype=torch.long, device=dev)
-        slot_of_class.scatter_(1, order, torch.where(fits, place, EMPTY))
+        slot_of_class = torch.full((B, K), self.empty, dtype=torch.long, device=dev)
+        slot_of_class.scatter_(1, order, torch.where(fits, place, self.empty))
         # each position's candidates, ascending by class, as table slots
         rank = cand.long().cumsum(-1) - 1
         cls = torch.full((N, W + 1), -1, dtype=torch.long, device=dev)  # column W collects the overflow
         cls.scatter_(-1, torch.where(cand & (rank < W), rank, W), torch.arange(K, device=dev).expand(N, K))
         cls = cls[:, :W]
         row_slots = slot_of_class.repeat_interleave(P, 0)  # [N, K]
-        slot = torch.where(cls >= 0, row_slots.gather(-1, cls.clamp(min=0)), EMPTY)
-        spilled = (count > W) | (cand & (row_slots == EMPTY)).any(-1)
-        out = {"ckf_slot": slot.to(torch.uint8).view(B, P, W),
-               "ckf_dense": d16.view(N, K).gather(-1, cls.clamp(min=0)).masked_fill(cls < 0, 0).view(B, P, W),
+        slot = torch.where(cls >= 0, row_slots.gather(-1, cls.clamp(min=0)), self.empty)
+        spilled = (count > W) | (cand & (row_slots == self.empty)).any(-1)
+        out = {"ckf_slot": slot.to(_torch_dtype(self.slot_dtype)).view(B, P, W),
+               "ckf_dense": d16.reshape(N, K).gather(-1, cls.clamp(min=0)).masked_fill(cls < 0, 0).view(B, P, W),
                "ckf_count": torch.where(spilled, SPILLED, count.clamp(max=SPILLED - 1)).to(torch.uint8).view(B, P),
                "global_class": table.to(_torch_dtype(self.cdtype)),
                "global_value": gw.gather(1, table.clamp(min=0)).masked_fill(table < 0, math.nan),
@@ -204,8 +212,8 @@ class CKFEncoding(Encoding):
         alpha = _check_alpha(alpha)
         slot, table, values = arrays["ckf_slot"].long(), arrays["global_class"].long(), arrays["global_value"]
         B, P, W = slot.shape
-        empty = slot == EMPTY
-        flat = slot.clamp(max=table.shape[1] - 1).view(B, P * W)
+        empty = slot == self.empty
+        flat = slot.clamp(max=table.shape[1] - 1).reshape(B, P * W)
         g = values.gather(1, flat).view(B, P, W)
         # -inf only AFTER fusing: 0 * -inf would be NaN (and empty slots hold NaN global values)
         fused = fuse(arrays["ckf_dense"], g, alpha).masked_fill(empty, -torch.inf)
@@ -219,10 +227,11 @@ class CKFEncoding(Encoding):
     @staticmethod
     def slot_classes(arrays: dict) -> Tensor:
         """The class id in each candidate slot, [B, P, W], -1 where empty (for inspection and tests)."""
+        empty = EMPTY if arrays["ckf_slot"].dtype == torch.uint8 else 65535
         slot, table = arrays["ckf_slot"].long(), arrays["global_class"].long()
         B, P, W = slot.shape
-        cls = table.gather(1, slot.clamp(max=table.shape[1] - 1).view(B, P * W)).view(B, P, W)
-        return cls.masked_fill(slot == EMPTY, -1)
+        cls = table.gather(1, slot.clamp(max=table.shape[1] - 1).reshape(B, P * W)).view(B, P, W)
+        return cls.masked_fill(slot == empty, -1)
 
     def missing_spill(self, arrays: dict, spill: dict | None) -> int:
         """How many positions say their row is in spill/ but have none (a damaged cache). Checked where the
@@ -232,9 +241,20 @@ class CKFEncoding(Encoding):
             need[np.asarray(spill["view"]), np.asarray(spill["pos"])] = False
         return int(need.sum())
 
+    def unwritten(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """The global table is padded: a view with fewer table classes than its width has class -1 and value NaN
+        in its last slots. A written row holds its global top-k first (never -1), a value wherever it holds a
+        class, no NaN logit anywhere else; an unwritten row holds fill values (-1, NaN) from slot 0."""
+        cls, val, k = arrays["global_class"], arrays["global_value"], self.params["global_topk"]
+        n = len(cls)
+        return ((cls[:, :k] < 0).any(1) | (np.isnan(val) != (cls < 0)).any(1) |
+                np.isnan(arrays["ckf_dense"].reshape(n, -1)).any(1) | np.isnan(arrays["global_lse"]))
+
     def decode_global(self, arrays):
         cls, val = arrays["global_class"], arrays["global_value"]
-        return _scatter_fill(cls, val, self.num_classes, arrays.get("global_lse"), valid=cls >= 0)
+        # the first global_topk slots are the top-k; later ones are candidates of any rank (see _scatter_fill)
+        return _scatter_fill(cls, val, self.num_classes, arrays.get("global_lse"), valid=cls >= 0,
+                             ranked=self.params["global_topk"])
 
 
 class CKFEncodingV1(Encoding):

@@ -58,27 +58,31 @@ def _sorted_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def _scatter_fill(cls: Tensor, val: Tensor, num_classes: int, lse: Tensor | None = None,
-                  valid: Tensor | None = None) -> Tensor:
+                  valid: Tensor | None = None, ranked: int | None = None) -> Tensor:
     """Sparse (class, value) slots -> dense float32 [..., K] logits.
 
-    With the log-sum-exp of the full logits (`lse`, stored since format 2), the stored classes keep their exact
-    softmax probabilities and the remaining probability mass is spread evenly over the absent classes (as TinyViT
-    does for its top-k logits): absent logit = lse + log((1 - sum of stored p) / (K - k)). Without it (format 1
-    caches), absent classes get the smallest stored value, an upper bound on their true logit. Either way the
-    argmax and the order of the stored classes are the teacher's; soft targets are an approximation."""
+    The first `ranked` slots (all of them by default) are the row's top-k by value; a ckf table stores more
+    classes after them (CKF candidates of any global rank, down to the very last). With the log-sum-exp of the
+    full logits (`lse`, stored since format 2), every stored class keeps its exact softmax probability and the
+    remaining probability mass is spread evenly over the absent classes (as TinyViT does for its top-k logits):
+    absent logit = lse + log((1 - sum of stored p) / (K - stored)). That mean can never exceed the k-th largest
+    logit (every absent class lies below it), so it is bounded by the k-th value only: bounding it by the smallest
+    STORED value (a low-ranked candidate) would make the absent mass vanish. Without lse (format-1 caches),
+    absent classes get the k-th value, an upper bound on their true logit. Either way the argmax and the order of
+    the stored classes are the teacher's; soft targets are an approximation unless every class is stored."""
     val = val.float()
     if valid is None:
         valid = torch.ones_like(val, dtype=torch.bool)
+    ranked = val.shape[-1] if ranked is None else ranked
     k = valid.sum(-1, keepdim=True)  # stored classes per row (a ckf table may be partly empty)
-    smallest = val.masked_fill(~valid, torch.inf).amin(-1, keepdim=True)
+    kth = val[..., :ranked].masked_fill(~valid[..., :ranked], torch.inf).amin(-1, keepdim=True)
     if lse is None:
-        fill = smallest
+        fill = kth
     else:
         lse = lse.float().unsqueeze(-1)
         p = torch.exp(val - lse).masked_fill(~valid, 0)
         rest = (1.0 - p.sum(-1, keepdim=True)).clamp(min=1e-30)  # rounding can push it to <= 0
-        # never above the smallest stored logit: absent classes were not in the top-k
-        fill = torch.minimum(lse + torch.log(rest / (num_classes - k).clamp(min=1)), smallest)
+        fill = torch.minimum(lse + torch.log(rest / (num_classes - k).clamp(min=1)), kth)
     out = fill.expand(*val.shape[:-1], num_classes + 1).clone()  # the last column takes the empty slots
     out.scatter_(-1, torch.where(valid, cls.long(), num_classes), val)
     return out[..., :num_classes]
@@ -92,7 +96,8 @@ def _check_inputs(enc: "Encoding", dense: Tensor, global_: Tensor) -> tuple[Tens
                          f"{tuple(global_.shape)}")
     if not (bool(torch.isfinite(dense).all()) and bool(torch.isfinite(global_).all())):
         raise ValueError("teacher logits contain NaN or inf")
-    d16, g32 = dense.half(), global_.float()
+    # contiguous: a permuted [N, C, h, w] -> [N, h*w, C] map is a strided view, and the encoders reshape rows
+    d16, g32 = dense.half().contiguous(), global_.float().contiguous()
     if not (bool(torch.isfinite(d16).all()) and bool(torch.isfinite(g32).all())):
         raise ValueError("teacher logits overflow when rounded to fp16 (|logit| > 65504)")
     return d16, g32
@@ -133,6 +138,16 @@ class Encoding:
     def missing_spill(self, arrays: dict, spill: dict | None) -> int:
         """Positions whose targets need spill rows that are not there (only ckf has spill rows)."""
         return 0
+
+    def unwritten(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """bool [n]: rows of read arrays that hold the fill value where a written row cannot (verify uses it).
+        Floats are filled with NaN and no written logit is NaN; encodings with legitimate padding say otherwise."""
+        n = len(next(iter(arrays.values())))
+        rows = np.zeros(n, dtype=bool)
+        for a in arrays.values():
+            if a.dtype.kind == "f":
+                rows |= np.isnan(a.reshape(n, -1)).any(1)
+        return rows
 
     def decode_fused(self, arrays: dict[str, Tensor], alpha: float) -> Tensor:
         """Fused CKF logits [B, P, K] for a soft CKF loss; only encodings that keep dense logits can."""

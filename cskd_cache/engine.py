@@ -71,7 +71,7 @@ def train_one_epoch(model, criterion: CSKDLoss, loader, optimizer, device: torch
         alpha = alpha_at(step)
         teacher_kw = targets(batch, x, alpha)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model(x)
+            out = model(x, heads=criterion.heads)  # plain DeiT pays for its class head only
         loss, parts = criterion({k: v.float() for k, v in out.items()}, target, **teacher_kw)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

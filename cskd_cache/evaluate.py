@@ -46,8 +46,8 @@ def head_accuracy(student, loader, device) -> dict:
     for x, y in loader:
         x = x.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            cls, dist, dense = student._heads(x)
-        logits = {"cls": cls, "dist": dist, "dense": dense.mean(dim=(2, 3))}
+            heads = student._heads(x)
+        logits = {"cls": heads["cls"], "dist": heads["dist"], "dense": heads["dense"].mean(dim=(2, 3))}
         logits["cskd"] = (logits["cls"] + logits["dist"] + logits["dense"]) / 3
         for h, z in logits.items():
             top = z.float().topk(min(5, z.shape[1]), dim=1).indices.cpu()

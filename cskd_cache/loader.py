@@ -15,14 +15,14 @@ import numpy as np
 import torch
 
 from .store import Cache, to_torch
-from .views import PairDataset, collate_pairs, pair_items, signature_distance
+from .views import PairDataset, collate_pairs, pair_items, replay_matches, replay_tolerance, signature_distance
 
 
 class CachedOutputs:
     """collate_fn: pairs -> one batch, plus the cache's encoded outputs for its views (key 'teacher', and
     'spill' for ckf positions past the width). Picklable: it carries the URL, not an open cache."""
 
-    def __init__(self, url: str | None, tolerance: float = 0.0):
+    def __init__(self, url: str | None, tolerance: float | None = None):
         self.url, self.tolerance, self._cache, self._pid = url, tolerance, None, None
 
     def cache(self) -> Cache:
@@ -55,16 +55,19 @@ class CachedOutputs:
         off = np.flatnonzero(stored != got)
         if len(off):
             # Not the pixels the teacher saw. Small drift (other library versions round a few pixels
-            # differently) is tolerated and counted; anything else stops training.
-            dist = signature_distance(replay["signature"][off], batch["signature"].numpy()[off]) \
+            # differently) is tolerated and counted; anything else stops training. A batch holds whole pairs, so
+            # a wrong partner shows in the view that carries most of it.
+            kind = cache.signature_kind
+            tol = replay_tolerance(self.tolerance, kind)
+            dist = signature_distance(replay["signature"][off], batch["signature"].numpy()[off], kind) \
                 if "signature" in replay else np.full(len(off), np.inf)
-            if dist.max() > self.tolerance:
+            if not replay_matches(False, dist, tol).all():
                 bad = int(views[off[int(dist.argmax())]])
-                far = "" if not np.isfinite(dist.max()) else f" by {dist.max():.3f} (tolerance {self.tolerance})"
+                far = "" if not np.isfinite(dist.max()) else f" by {dist.max():.3f} (tolerance {tol})"
                 return {"error": f"replay drift at view {bad}{far}: the augmented pixels differ from those the "
                                  "teacher saw (augmentation code, library versions or images changed since the cache "
-                                 f"was made; it recorded {cache.manifest['recipe'].get('library_versions')}; "
-                                 "`cskd-cache inspect --requirements` pins them)"}
+                                 f"was made{library_drift(cache.manifest)}; `cskd-cache inspect --requirements` "
+                                 "pins them)"}
             batch["drift"] = torch.tensor([len(off), float(dist.max())])
         missing = cache.encoding.missing_spill(arrays, spill)
         if missing:  # checked here, on the CPU, so that decoding on the device never waits for it
@@ -95,8 +98,17 @@ class RankBatches:
             yield pair_items(self.plan, self.views[a: a + self.batch], self.stride)
 
 
+def library_drift(manifest: dict) -> str:
+    """The libraries whose version differs from the ones the cache was made with, for drift messages."""
+    from .views import library_versions
+
+    then, now = manifest["recipe"].get("library_versions", {}), library_versions()
+    diff = [f"{k} {then[k]} then, {now.get(k)} now" for k in sorted(then) if then[k] != now.get(k)]
+    return f"; {', '.join(diff)}" if diff else "; the same library versions as now"
+
+
 def epoch_loader(dataset: PairDataset, batches: RankBatches, cache_url: str | None, workers: int,
-                 pin_memory: bool, tolerance: float = 0.0) -> torch.utils.data.DataLoader:
+                 pin_memory: bool, tolerance: float | None = None) -> torch.utils.data.DataLoader:
     # persistent: every epoch iterates the same sampler object (its views set per epoch), so worker start-up and
     # cache opening happen once per run, not once per epoch
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,

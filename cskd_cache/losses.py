@@ -72,7 +72,8 @@ class CSKDLoss(nn.Module):
 
     distill_type 'hard': CE(dist, argmax teacher global). 'soft': DeiT's KL(log_softmax(dist/T), log_softmax(teacher/T),
     reduction='sum', log_target=True) * T*T / dist.numel(). Note: that is timm TokenDistillationTask's soft loss
-    (reduction='batchmean') divided by K. A term whose teacher tensor is None, or whose weight is 0, is skipped.
+    (reduction='batchmean') divided by K. A term whose weight is 0 is skipped; a term with a weight and without the
+    teacher tensor it needs is an error (`needs` says which tensors to pass), never silently dropped.
     cskd_type 'hard' (default): CE against the CKF targets Y. 'soft' (the official code's other option): KL between
     the pooled dense logits and the fused CKF logits at temperature T, summed over classes and positions, times
     T*T, divided by the batch size.
@@ -110,6 +111,11 @@ class CSKDLoss(nn.Module):
             out.add("ckf_logits" if self.cskd_type == "soft" else "ckf_targets")
         return out
 
+    @property
+    def heads(self) -> tuple[str, ...]:
+        """Which student outputs forward() will use: the student computes only those (see CSKDStudent.forward)."""
+        return ("cls",) + (("dist",) if self.distill_weight else ()) + (("dense",) if self.cskd_weight else ())
+
     def distill(self, dist: Tensor, teacher_global: Tensor | None, teacher_global_argmax: Tensor | None) -> Tensor:
         if self.distill_type == "hard":
             # A cached argmax wins: it was taken on the fp32 logits, a fp16 copy can tie differently.
@@ -146,16 +152,24 @@ class CSKDLoss(nn.Module):
         """out: CSKDStudent's training dict. Returns the weighted total and its unweighted parts (+ 'total'),
         detached and still on the device: reading them (.item(), .tolist()) is the caller's choice of sync."""
         # F.cross_entropy with probability targets is timm's SoftTargetCrossEntropy: mean of -sum(t * log_softmax).
+        given = {"teacher_global": teacher_global, "teacher_global_argmax": teacher_global_argmax,
+                 "ckf_targets": ckf_targets, "ckf_logits": ckf_logits}
+        missing = sorted(n for n in self.needs if given[n] is None)
+        if self.distill_weight and self.distill_type == "hard" and teacher_global is not None:
+            missing = [n for n in missing if n != "teacher_global_argmax"]  # the argmax of the logits will do
+        if missing:
+            raise CacheError(f"CSKDLoss with distill_weight {self.distill_weight}, cskd_weight {self.cskd_weight} "
+                             f"({self.distill_type} distillation, {self.cskd_type} CKF) needs {', '.join(missing)}; "
+                             "pass the tensors `criterion.needs` names (CachedViews.teacher(batch, alpha, "
+                             "needs=criterion) decodes exactly those)")
         parts = {"base": F.cross_entropy(out["cls"], mixed_target)}
         total = self.base_weight * parts["base"]
-        if self.distill_weight and (teacher_global is not None or teacher_global_argmax is not None):
+        if self.distill_weight:
             parts["distill"] = self.distill(out["dist"], teacher_global, teacher_global_argmax)
             total = total + self.distill_weight * parts["distill"]
-        if self.cskd_weight and self.cskd_type == "hard" and ckf_targets is not None:
-            parts["cskd"] = self.spatial(out["dense"], ckf_targets)
-            total = total + self.cskd_weight * parts["cskd"]
-        elif self.cskd_weight and self.cskd_type == "soft" and ckf_logits is not None:
-            parts["cskd"] = self.spatial_soft(out["dense"], ckf_logits)
+        if self.cskd_weight:
+            parts["cskd"] = self.spatial(out["dense"], ckf_targets) if self.cskd_type == "hard" else \
+                self.spatial_soft(out["dense"], ckf_logits)
             total = total + self.cskd_weight * parts["cskd"]
         parts["total"] = total
         return total, {k: v.detach().float() for k, v in parts.items()}

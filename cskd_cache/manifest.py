@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 FORMAT = "cskd-cache"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # what new caches are: a 64-byte sketch signature, ckf slots that may take 2 bytes
 ATTR = "cskd_cache"
 # Manifest sections that must match for a resumed run to write into an existing cache.
 IDENTITY = ("teacher", "dataset", "recipe", "plan", "encoding", "layout", "grid", "num_classes", "bad_samples")
@@ -43,7 +43,7 @@ def identity(manifest: dict) -> dict:
     return out
 
 # Per-view records of what the teacher saw (checked when a view is replayed): a 64-bit hash of the pixels, and a
-# 48-byte signature that gives a distance (format 2; format-1 caches have the fingerprint only).
+# signature that gives a distance (format 3: 64 bytes, `sketch64`; format 2: 48, `cells4x4`; format 1: none).
 
 
 def without_epochs(ident: dict) -> dict:

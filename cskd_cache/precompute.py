@@ -12,7 +12,6 @@ import queue
 from concurrent.futures import ThreadPoolExecutor
 import threading
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -36,7 +35,7 @@ class PrecomputeConfig:
     teacher: str
     pretrained: bool = False
     teacher_checkpoint: str | None = None
-    epochs: int = 60  # DeiT's 300 training epochs, each view used 5 times (docs/results.md)
+    epochs: int = 300  # one per training epoch of DeiT's recipe: fresh views every epoch, the paper's condition
     encoding: str = "ckf"
     ckf_width: int = 8
     topk: int = 10
@@ -54,8 +53,22 @@ class PrecomputeConfig:
     teacher_precision: str = "auto"  # fp16 autocast on a GPU (official), fp32 on a CPU
     content_hash: bool = False  # store each image file's sha256: train --match content then finds them anywhere
     compile: bool = False  # torch.compile the teacher (pays off on a GPU, for long runs)
+    same_label_space: bool = False  # --data's labels are the teacher's class ids (e.g. ImageNet images, ImageNet labels)
     only_epochs: str | None = None  # compute these epochs only ('15-29'): a partial cache, for merging later
     max_shards: int | None = None  # stop after this many shards (for tests of interruption and for budgets)
+
+
+def check_label_space(data_classes: int, max_label: int, teacher_classes: int, same_label_space: bool) -> None:
+    """A teacher's outputs are targets only in its own label space: a 1000-class ImageNet teacher over a 4-class
+    dataset would train a 1000-way student on nothing useful. Refused unless the user says the dataset's labels
+    ARE the teacher's class ids (a subset of ImageNet with ImageNet labels)."""
+    if max_label >= teacher_classes:
+        raise CacheError(f"--data has labels up to {max_label} but the teacher has {teacher_classes} classes; "
+                         "fine-tune the teacher on this dataset first (cskd-cache fit-teacher)")
+    if data_classes != teacher_classes and not same_label_space:
+        raise CacheError(f"the teacher has {teacher_classes} classes but --data has {data_classes}; fine-tune it on "
+                         "this dataset first (cskd-cache fit-teacher), or pass --same-label-space if the dataset's "
+                         "labels are the teacher's class ids (e.g. ImageNet images with ImageNet labels)")
 
 
 def _check(cfg: PrecomputeConfig) -> None:
@@ -147,9 +160,7 @@ def precompute(cfg: PrecomputeConfig, dist: Dist | None = None) -> store.Cache:
     teacher_info["global_equals_output"] = teacher.check_global_equals_output(cfg.recipe.input_size)
     encoding = make_encoding(cfg.encoding, num_classes, grid[0] * grid[1], ckf_width=cfg.ckf_width,
                              topk=cfg.topk, global_topk=cfg.global_topk)
-    if max(source.labels) >= num_classes:
-        raise CacheError(f"--data has labels up to {max(source.labels)} but the teacher has {num_classes} "
-                         "classes; fine-tune the teacher on this dataset first (cskd-cache fit-teacher)")
+    check_label_space(len(source.classes), max(source.labels), num_classes, cfg.same_label_space)
 
     # Rank 0 holds the writer lock for the whole run (the job's other ranks write only their own shards).
     lock = WriterLock(cfg.out) if dist.main else None
@@ -192,6 +203,8 @@ def _prepare(cfg: PrecomputeConfig, source, teacher_info: dict, grid, num_classe
     manifest = build_manifest(cfg, used, teacher_info, grid, num_classes, [source.keys[i] for i in bad_ids],
                               encoding)
     manifest["dataset"] = dict(source.describe(), used_samples=len(used))
+    if cfg.same_label_space:  # part of the identity: the labels mean the teacher's classes
+        manifest["dataset"]["label_space"] = "teacher"
     if old is not None and not cfg.overwrite:
         why = store.manifest_mismatch(old, manifest)
         same_plan = store.without_epochs(store.identity(old)) == store.without_epochs(store.identity(manifest))
@@ -238,7 +251,7 @@ def _run_shards(cfg, cache: store.Cache, source, teacher, encoding, dist: Dist, 
     if cfg.max_shards is not None:
         mine = mine[: cfg.max_shards]
     stride = cache.stride
-    plan = lru_cache(maxsize=2)(cache.epoch_plan)
+    plan = cache.epoch_plan  # read and checked once per epoch (the cache keeps the last two)
     batches, owner = [], []  # each batch lies within one shard and one epoch, always cut the same way
     for s in mine:
         start, stop = cache.shard_range(s)
@@ -250,7 +263,7 @@ def _run_shards(cfg, cache: store.Cache, source, teacher, encoding, dist: Dist, 
                 batches.append(pair_items(plan, np.arange(lo, hi), stride))
                 owner.append(s)
     loader = torch.utils.data.DataLoader(
-        PairDataset(source, cache.recipe, cache.fingerprint_kind), batch_sampler=batches, num_workers=cfg.workers,
+        PairDataset(source, cache.recipe, cache.fingerprint_kind, cache.signature_kind), batch_sampler=batches, num_workers=cfg.workers,
         collate_fn=collate_pairs, pin_memory=device.type == "cuda", persistent_workers=False,
         prefetch_factor=4 if cfg.workers else None)
     use_amp = device.type == "cuda"

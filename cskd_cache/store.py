@@ -34,7 +34,14 @@ from .manifest import (ATTR, FORMAT, FORMAT_VERSION, IDENTITY, identity, make_la
                        manifest_mismatch, run_marker, without_epochs)
 from .views import Recipe
 
-REPLAY = {"fingerprint": ((), "int64"), "signature": ((48,), "int8")}
+def replay_specs(signature_kind: str = "sketch64") -> dict:
+    """The per-view replay records: a 64-bit pixel hash, and a signature whose width its kind says."""
+    from .views import SIGNATURES
+
+    return {"fingerprint": ((), "int64"), "signature": ((SIGNATURES[signature_kind][2],), "int8")}
+
+
+REPLAY = replay_specs()  # what a new cache stores
 
 _PLAN_FIELDS = {"sample": "int64", "seed": "int64", "partner": "int64", "lam": "float32", "mode": "int8",
                 "box": "int16"}
@@ -117,6 +124,7 @@ class Cache:
                                                                 grid[0] * grid[1])
             self._arrays = {name: group[f"views/{name}"] for name in self.encoding.arrays()}
             self.replay_names = [n for n in REPLAY if n == "fingerprint" or n in manifest.get("replay", [])]
+            self.replay_specs = replay_specs(self.signature_kind)
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise CacheError(f"{url}: the manifest is damaged or inconsistent ({type(e).__name__}: {e}); the cache "
                              "cannot be read") from None
@@ -201,7 +209,8 @@ class Cache:
         """Where the manifest and the arrays it describes disagree (shapes, dtypes, sample and plan sizes)."""
         m, problems = self.manifest, []
         want = {f"views/{k}": ((self.total_views, *v.shape), v.dtype) for k, v in self.encoding.arrays().items()}
-        want.update({f"views/{k}": ((self.total_views, *REPLAY[k][0]), REPLAY[k][1]) for k in self.replay_names})
+        specs = self.replay_specs
+        want.update({f"views/{k}": ((self.total_views, *specs[k][0]), specs[k][1]) for k in self.replay_names})
         want["views/shard_done"] = ((self.num_shards,), None)
         E, V = self.plan_params.epochs, self.views_per_epoch
         want.update({f"plan/{f}": ((E, V, 4) if f == "box" else (E, V), None) for f in _PLAN_FIELDS})
@@ -270,12 +279,24 @@ class Cache:
 
     def epoch_plan(self, epoch: int) -> EpochPlan:
         """The plan of one epoch, checked against its parameters: a damaged plan would silently pair every
-        cached output with the wrong image."""
-        if not self.plan_ok(epoch):
-            raise CacheError(f"{self.url}: the stored plan of epoch {epoch} does not match the plan parameters "
-                             "(damaged, or written by an incompatible cskd-cache); run `cskd-cache verify`, and "
-                             "the precompute command again to repair it")
-        return self.stored_plan(epoch)
+        cached output with the wrong image. Read and checked once per epoch (samplers ask for it per pair: at
+        ImageNet size a read and a regeneration cost 0.6 s), the last two epochs kept."""
+        plans = self.__dict__.setdefault("_plans", {})
+        if epoch not in plans:
+            stored, want = self.stored_plan(epoch), make_epoch_plan(self.plan_params, epoch)
+            if not all(np.array_equal(getattr(stored, f), getattr(want, f)) for f in _PLAN_FIELDS):
+                raise CacheError(f"{self.url}: the stored plan of epoch {epoch} does not match the plan parameters "
+                                 "(damaged, or written by an incompatible cskd-cache); run `cskd-cache verify`, and "
+                                 "the precompute command again to repair it")
+            while len(plans) >= 2:
+                plans.pop(next(iter(plans)))
+            plans[epoch] = stored
+        return plans[epoch]
+
+    @property
+    def signature_kind(self) -> str:
+        """How this cache summarised its views' pixels (format 3: sketch64; format 2: cells4x4)."""
+        return self.manifest.get("signature", "cells4x4")
 
     @property
     def fingerprint_kind(self) -> str:

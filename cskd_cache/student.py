@@ -68,32 +68,42 @@ class CSKDStudent(nn.Module):
                              f"pick an input size where it is (e.g. 224 px: 14x14 patches, 7x7 teacher)")
         return H // h, W // w
 
-    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """cls [B,K], dist [B,K], unpooled dense [B,K,H,W]."""
+    HEADS = ("cls", "dist", "dense")
+
+    def _heads(self, x: Tensor, heads=HEADS) -> dict[str, Tensor]:
+        """cls [B,K], dist [B,K], unpooled dense [B,K,H,W]: the ones asked for."""
         m = self.model
         grid = self.patch_grid
         if getattr(m, "dynamic_img_size", False):  # the grid follows the input size
             grid = _pair(m.patch_embed.dynamic_feat_size(tuple(x.shape[-2:])))
         tokens = m.forward_features(self.renorm(x))  # [B, prefix + H*W, D], final norm already applied
         tokens = m.head_drop(tokens)  # timm's forward_head drops cls/dist this way; patches get the same
-        cls = m.head(tokens[:, 0])
-        dist = m.head_dist(tokens[:, 1])
-        dense = m.head_dist(tokens[:, m.num_prefix_tokens:])  # [B, H*W, K]
-        B, _, K = dense.shape
-        return cls, dist, dense.transpose(1, 2).reshape(B, K, *grid)
+        out = {}
+        if "cls" in heads:
+            out["cls"] = m.head(tokens[:, 0])
+        if "dist" in heads:
+            out["dist"] = m.head_dist(tokens[:, 1])
+        if "dense" in heads:
+            dense = m.head_dist(tokens[:, m.num_prefix_tokens:])  # [B, H*W, K]
+            B, _, K = dense.shape
+            out["dense"] = dense.transpose(1, 2).reshape(B, K, *grid)
+        return out
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        cls, dist, dense = self._heads(x)
-        kernel = self._kernel(tuple(dense.shape[-2:]))  # cheap; re-checks grids that follow the input size
-        if kernel != (1, 1):
-            # Pool logits, not features, as the paper does (equal for a linear head, but not once head_drop is on).
-            dense = F.avg_pool2d(dense, kernel_size=kernel, stride=kernel)
-        return {"cls": cls, "dist": dist, "dense": dense}
+    def forward(self, x: Tensor, heads=HEADS) -> dict[str, Tensor]:
+        """The training outputs named in `heads` (all three by default). A loss that does not use a head need not
+        pay for it: plain DeiT (no teacher) asks for the class head alone."""
+        out = self._heads(x, heads)
+        if "dense" in out:
+            kernel = self._kernel(tuple(out["dense"].shape[-2:]))  # cheap; re-checks grids that follow the input
+            if kernel != (1, 1):
+                # Pool logits, not features, as the paper does (equal for a linear head, not once head_drop is on).
+                out["dense"] = F.avg_pool2d(out["dense"], kernel_size=kernel, stride=kernel)
+        return out
 
     def predict(self, x: Tensor) -> Tensor:
         """Eval prediction [B, K]: the three heads weigh equally (official CSKD inference)."""
-        cls, dist, dense = self._heads(x)
-        return (cls + dist + dense.mean(dim=(2, 3))) / 3
+        out = self._heads(x)
+        return (out["cls"] + out["dist"] + out["dense"].mean(dim=(2, 3))) / 3
 
 
 def create_student(name: str, num_classes: int, img_size: int, teacher_grid: tuple[int, int],

@@ -7,7 +7,7 @@ distillation head also reads every patch token, and the patch tokens learn the C
 The teacher's outputs come from a cache (pass `teacher=batch["teacher"]` to forward, with `encoding`) or from an
 online teacher (`teacher_model`), through the same exact fusion.
 
-    task = CSKDTask(student, encoding=views.encoding, epochs=300)          # from a cache
+    task = CSKDTask(student, cache=views, epochs=300)                      # from a cache
     task = CSKDTask(student, teacher_model="regnety_160", epochs=300)       # online
     task.set_epoch(epoch)
     out = task(x, target, teacher=batch.get("teacher"), spill=batch.get("spill"))
@@ -25,24 +25,46 @@ from .engine import TeacherTargets
 from .errors import CacheError
 from .losses import CSKDLoss, alpha_at
 from .student import CSKDStudent
-from .teacher import TEACHER_ALIASES, DenseTeacher
+from .teacher import TEACHER_ALIASES, DenseTeacher, require_hub, resolve_precision, state_dict_sha256
 
 
-def _dense_teacher(teacher, student: CSKDStudent, pretrained_path: str | None, overlay: dict | None,
-                   precision: str) -> DenseTeacher:
+def _open_cache(cache):
+    """A Cache from a Cache, a CachedViews or a path/URL."""
+    from .store import Cache
+
+    if cache is None or isinstance(cache, Cache):
+        return cache
+    if hasattr(cache, "cache") and isinstance(cache.cache, Cache):  # CachedViews
+        return cache.cache
+    return Cache.open(str(cache))
+
+
+def _teacher_model(teacher, num_classes: int, pretrained_path: str | None, overlay: dict | None) -> nn.Module:
+    """The teacher as an nn.Module with the student's classes. A local file is loaded weights-only and strictly
+    (its classifier says its classes); hub weights keep their own head. A teacher whose classes differ from the
+    student's is refused: timm would put a random head on it, silently (its targets would be noise)."""
     if isinstance(teacher, DistillationTeacher):
         teacher = teacher.model
     if isinstance(teacher, str):
-        import timm
+        from .teacher import create_teacher
 
-        kw = {"pretrained_cfg_overlay": dict(overlay or {}, **({"file": pretrained_path} if pretrained_path else {}))}
-        teacher = timm.create_model(TEACHER_ALIASES.get(teacher, teacher), pretrained=True,
-                                    num_classes=student.model.num_classes, **kw)
+        if pretrained_path:
+            teacher = create_teacher(teacher, checkpoint=pretrained_path)[0].model
+        else:
+            import timm
+
+            require_hub("teacher_model", instead="teacher_pretrained_path=PATH")
+            kw = {"pretrained_cfg_overlay": dict(overlay)} if overlay else {}
+            teacher = timm.create_model(TEACHER_ALIASES.get(teacher, teacher), pretrained=True, **kw)
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher_model must be a model name, an nn.Module or a DistillationTeacher, got {teacher!r}")
+    have = getattr(teacher, "num_classes", None)
+    if have is not None and have != num_classes:
+        raise CacheError(f"the teacher has {have} classes, the student {num_classes}; fine-tune the teacher on this "
+                         "dataset first (cskd-cache fit-teacher) and give its weights (teacher_pretrained_path)")
     for p in teacher.parameters():
         p.requires_grad_(False)
-    return DenseTeacher(teacher, student.view_mean, student.view_std, precision)  # fed the student's views
+    return teacher.eval()
 
 
 class CSKDTask(TrainingTask):
@@ -50,23 +72,31 @@ class CSKDTask(TrainingTask):
 
     Args:
         student_model: a CSKDStudent (`cskd_cache.create_student`, or `CachedViews.student`)
-        teacher_model: None (outputs come from a cache: give `encoding`), a timm CNN name, an nn.Module, or a
-            timm DistillationTeacher (its model is used, with the dense head applied at every position)
-        encoding: the cache's Encoding (`Cache.encoding`, `CachedViews.encoding`), when teacher_model is None
+        teacher_model: None (outputs come from a cache: give `cache` or `encoding`), a timm CNN name (hub weights,
+            or `teacher_pretrained_path` for a local .pth/.safetensors, loaded weights-only), an nn.Module, or a
+            timm DistillationTeacher (its model is used, with the dense head applied at every position). Its
+            classes must be the student's (a hub head of another size is refused, never replaced at random).
+        cache: the cache the batches come from (a `Cache`, a `CachedViews` or its path): gives the encoding, and
+            the teacher precision and weights an online teacher must match
+        encoding: the cache's Encoding, when `cache` is not given
         distill_type: 'hard' (DeiT's and CSKD's default) or 'soft'; cskd_type: 'hard' or 'soft'
         task_loss_weight, distill_loss_weight, cskd_loss_weight: 0.5, 0.5, 1.0 (the official configs)
         temperature: of the soft losses
         alpha_schedule, epochs: CKF's alpha = schedule(epoch / epochs), set with `set_epoch`
-        teacher_precision: fp32 | fp16 | bf16 for an online teacher
+        teacher_precision: fp32 | fp16 | bf16 for an online teacher; default: the cache's, else fp16 autocast on a
+            GPU (the official code's) and fp32 on a CPU
     forward(input, target, teacher=None, spill=None, alpha=None) -> {'loss', 'output', 'task_loss', 'distill_loss',
         'cskd_loss'}: `target` is a hard label [B] or soft targets [B, K] (mixup/cutmix); `teacher` is the batch's
-        encoded cache outputs (required without an online teacher)."""
+        encoded cache outputs (required without an online teacher). Like timm's TokenDistillationTask, `train()`
+        keeps the teacher in eval mode (timm's loop calls it every epoch) and `prepare_distributed` wraps the student
+        alone in DDP."""
 
     def __init__(self, student_model: CSKDStudent, teacher_model=None, encoding: Encoding | None = None, *,
-                 teacher_pretrained_path: str | None = None, teacher_pretrained_cfg_overlay: dict | None = None,
+                 cache=None, teacher_pretrained_path: str | None = None,
+                 teacher_pretrained_cfg_overlay: dict | None = None,
                  distill_type: str = "hard", cskd_type: str = "hard", task_loss_weight: float = 0.5,
                  distill_loss_weight: float = 0.5, cskd_loss_weight: float = 1.0, temperature: float = 1.0,
-                 alpha_schedule: str = "linear", epochs: int = 300, teacher_precision: str = "fp32",
+                 alpha_schedule: str = "linear", epochs: int = 300, teacher_precision: str | None = None,
                  device: torch.device | None = None, dtype: torch.dtype | None = None, verbose: bool = False):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         if not isinstance(student_model, CSKDStudent):
@@ -74,16 +104,43 @@ class CSKDTask(TrainingTask):
         self.trainable_module = student_model
         self.criterion = CSKDLoss(distill_type, temperature, task_loss_weight, distill_loss_weight, cskd_loss_weight,
                                   cskd_type)
+        cache = _open_cache(cache)
+        if cache is not None:
+            encoding = encoding or cache.encoding
+        num_classes = student_model.model.num_classes
         self.teacher = None
         if teacher_model is not None:
-            self.teacher = _dense_teacher(teacher_model, student_model, teacher_pretrained_path,
-                                          teacher_pretrained_cfg_overlay, teacher_precision).to(self.device)
+            precision = teacher_precision or (cache.manifest["teacher"].get("precision") if cache else None)
+            model = _teacher_model(teacher_model, num_classes, teacher_pretrained_path,
+                                   teacher_pretrained_cfg_overlay)
+            self.teacher = DenseTeacher(model, student_model.view_mean, student_model.view_std,  # fed its views
+                                        resolve_precision(precision, self.device)).to(self.device)
+            if cache is not None and state_dict_sha256(model) != cache.manifest["teacher"]["weights_sha256"]:
+                raise CacheError("the online teacher's weights are not the cache's teacher; its targets would differ "
+                                 "from the cached ones (give the cache's teacher, or no cache)")
             P = student_model.teacher_grid[0] * student_model.teacher_grid[1]
-            encoding = make_encoding("full", student_model.model.num_classes, P)  # exact: fuse and argmax
+            encoding = make_encoding("full", num_classes, P)  # exact: fuse and argmax
         elif encoding is None:
-            raise CacheError("CSKDTask needs a teacher_model (online) or the cache's encoding")
+            raise CacheError("CSKDTask needs a teacher_model (online) or the cache (cache=, or its encoding)")
+        if encoding.num_classes != num_classes:
+            raise CacheError(f"the cache's teacher has {encoding.num_classes} classes, the student {num_classes}; "
+                             "build the student from the cache (CachedViews.student)")
         self.targets = TeacherTargets(encoding, self.criterion.needs, self.teacher)
         self.alpha_schedule, self.epochs, self.epoch = alpha_schedule, epochs, 0
+
+    def train(self, mode: bool = True) -> "CSKDTask":
+        """Training mode for the student; the teacher stays in eval mode (BatchNorm with its running statistics,
+        never updating them), whatever timm's loop asks of the task every epoch."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def prepare_distributed(self, device_ids: list | None = None, **ddp_kwargs) -> "CSKDTask":
+        """Wrap the student in DistributedDataParallel; the frozen teacher stays unwrapped (as timm's tasks)."""
+        self.trainable_module = torch.nn.parallel.DistributedDataParallel(self.trainable_module,
+                                                                          device_ids=device_ids, **ddp_kwargs)
+        return self
 
     def set_epoch(self, epoch: int) -> None:
         """CKF's alpha follows the epoch (once per epoch, as the paper)."""

@@ -118,7 +118,8 @@ def _classifier_width(name: str, state: dict) -> int | None:
     return int(w.shape[0]) if w is not None else None
 
 
-def require_hub(flag: str = "--pretrained", recorded: str | None = None) -> None:
+def require_hub(flag: str = "--pretrained", recorded: str | None = None,
+                instead: str = "--teacher-checkpoint PATH") -> None:
     """Fail in seconds, not after a minute of retries, when the Hugging Face hub cannot be reached (unless the
     user asked for offline mode, where timm reads the local hub cache)."""
     import socket
@@ -133,7 +134,7 @@ def require_hub(flag: str = "--pretrained", recorded: str | None = None) -> None
     except OSError as e:
         hint = f" (the cache was made with {recorded})" if recorded else ""
         raise CacheError(f"{flag}: the Hugging Face hub ({url.hostname}) cannot be reached ({e.strerror or e}); "
-                         f"download the weights elsewhere and pass --teacher-checkpoint PATH{hint}") from None
+                         f"download the weights elsewhere and pass {instead}{hint}") from None
 
 
 def create_teacher(name: str, *, pretrained: bool = False, checkpoint: str | None = None,

@@ -26,14 +26,14 @@ from .checkpoint import resume as _resume, save as _save
 from .encodings import make_encoding
 from .engine import TeacherTargets, evaluate, train_one_epoch
 from .errors import CacheError
-from .loader import RankBatches, epoch_loader
+from .loader import RankBatches, epoch_loader, library_drift
 from .losses import CSKD_TYPES, DISTILL_TYPES, CSKDLoss, alpha_at
 from .order import MAX_MEASURED_REUSE, epoch_views, reuse_factor
 from .plan import make_epoch_plan
 from .store import Cache
 from .student import create_student
 from .teacher import create_teacher, resolve_precision
-from .views import PairDataset, Recipe, build_eval_transform
+from .views import PairDataset, Recipe, build_eval_transform, replay_tolerance
 
 
 @dataclass
@@ -76,7 +76,8 @@ class TrainConfig:
     stop_after: int | None = None  # stop (resumably) once this many epochs are done: budgets, resume tests
     input_size: int | None = None  # no cache: the view size (default 224); a cache brings its own recipe
     match: str = "key"  # how --data's images are matched to the cache's samples: key | stem | content
-    replay_tolerance: float = 0.05  # largest signature distance a replayed view may drift by (0: strict)
+    replay_tolerance: float | None = None  # signature distance a replayed view may drift by (None: the cache's
+    # signature's default; 0: exact pixels only)
     compile: bool = False  # torch.compile the student's training forward (pays off on a GPU, in long runs)
     tensorboard: bool = False  # also write OUT/tensorboard event files
 
@@ -111,6 +112,8 @@ class Run:
     val: object = None
     loader: object = None  # created by the first epoch, reused by the next ones
     fingerprint_kind: str = "sha1-int16"
+    signature_kind: str = "sketch64"
+    cache_manifest: dict = field(default_factory=dict)
     batches: object = None
 
 
@@ -131,6 +134,11 @@ def _check_cache(cfg: TrainConfig, cache: Cache, source) -> None:
     if max(source.labels) >= m["num_classes"] and not cfg.force:
         raise CacheError(f"--data has {max(source.labels) + 1} classes but the cache's teacher has "
                          f"{m['num_classes']}; pass --force to use it anyway")
+    if m["num_classes"] != len(source.classes) and m["dataset"].get("label_space") != "teacher" and not cfg.force:
+        raise CacheError(f"--cache {cfg.cache} holds a {m['num_classes']}-class teacher's outputs but --data has "
+                         f"{len(source.classes)} classes (the cache does not say they share a label space); "
+                         "fine-tune the teacher on this dataset (cskd-cache fit-teacher) and precompute again, or "
+                         "pass --force")
 
 
 def _lr(cfg: TrainConfig, world: int) -> float:
@@ -160,7 +168,7 @@ def _check_flags(cfg: TrainConfig) -> None:
                     ("--workers", cfg.workers)):
         if v < 0:
             raise CacheError(f"{flag} must be >= 0, got {v}")
-    if cfg.replay_tolerance < 0:
+    if cfg.replay_tolerance is not None and cfg.replay_tolerance < 0:
         raise CacheError(f"--replay-tolerance must be >= 0, got {cfg.replay_tolerance}")
     if not 0.0 <= cfg.drop_path <= 1.0 or not 0.0 <= cfg.ema_decay <= 1.0:
         raise CacheError("--drop-path and --ema-decay must be between 0 and 1")
@@ -220,6 +228,10 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
             raise CacheError("the online teacher's weights differ from the cache's teacher; pass --force")
         grid = grid or teacher.grid(recipe.input_size)
         num_classes = info["num_classes"] if cache is None else num_classes
+        if cache is None and num_classes != len(source.classes) and not cfg.force:
+            raise CacheError(f"the online teacher has {num_classes} classes but --data has {len(source.classes)}; "
+                             "fine-tune it on this dataset first (cskd-cache fit-teacher), or pass --force if the "
+                             "dataset's labels are the teacher's class ids")
         encoding = make_encoding("full", num_classes, grid[0] * grid[1])  # exact: fuse and argmax directly
         if cache is None:
             identity["teacher"] = {k: info[k] for k in ("name", "weights_sha256", "precision")}
@@ -246,6 +258,8 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
     torch.manual_seed(cfg.seed)
     student = create_student(cfg.student, num_classes, recipe.input_size, grid or (1, 1), drop_path=cfg.drop_path,
                              view_mean=recipe.mean, view_std=recipe.std).to(device)
+    if mode == "none":  # no teacher, nothing trains the distillation head: frozen, so DDP expects no gradient for it
+        student.model.head_dist.requires_grad_(False)
     model = torch.nn.parallel.DistributedDataParallel(student) if dist.world > 1 else student
     if cfg.compile:
         model = torch.compile(model)  # the training forward only; evaluation and the EMA use the plain module
@@ -262,7 +276,9 @@ def setup(cfg: TrainConfig, dist: Dist) -> Run:
               model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, criterion=criterion,
               targets=TeacherTargets(encoding, criterion.needs, teacher), identity=identity,
               cache_url=cfg.cache if cfg.teacher_source == "cache" else None,
+              cache_manifest=cache.manifest if cache is not None else {},
               fingerprint_kind=cache.fingerprint_kind if cache is not None else "sha1-int16",
+              signature_kind=cache.signature_kind if cache is not None else "sketch64",
               steps=min(steps, cfg.max_steps) if cfg.max_steps else steps)
     _resume(run)
     run.val = val
@@ -281,16 +297,18 @@ def train(cfg: TrainConfig, dist: Dist | None = None) -> list[dict]:
     os.makedirs(cfg.out, exist_ok=True)
     reuse = reuse_factor(cfg.epochs, len(run.plan_epochs))
     if dist.main and run.start_epoch < cfg.epochs:
-        print(f"views: {len(run.plan_epochs)} augmented epochs of {run.views_per_epoch} views for {cfg.epochs} "
-              "training "
-              f"epochs of {run.steps} steps x {cfg.batch_size * dist.world}: each view used {reuse:g} times"
+        held = len(run.plan_epochs)
+        use = f"each view used {reuse:g} times" if reuse >= 1 else \
+            f"{cfg.epochs} of the {held} cached epochs are used, each view once"
+        print(f"views: {held} augmented epochs of {run.views_per_epoch} views for {cfg.epochs} training epochs of "
+              f"{run.steps} steps x {cfg.batch_size * dist.world}: {use}"
               + (" (the official condition is 1: fresh views every epoch)" if reuse > 1 else ""))
         if reuse > MAX_MEASURED_REUSE:
-            need = -(-cfg.epochs // MAX_MEASURED_REUSE)
-            print(f"warning: each view used {reuse:g} times; docs/results.md measured lower accuracy at 10 than at "
-                  f"{MAX_MEASURED_REUSE} or fewer. `cskd-cache precompute --epochs {need}` with the cache's own "
-                  "flags extends it")
-    dataset = PairDataset(run.source, run.recipe, run.fingerprint_kind)
+            print(f"warning: each view used {reuse:g} times; the paper sees a fresh view every epoch, and "
+                  "docs/results.md measured lower accuracy with many uses per view. `cskd-cache precompute "
+                  f"--epochs {cfg.epochs}` with the cache's own flags extends it to fresh views (at least "
+                  f"{-(-cfg.epochs // MAX_MEASURED_REUSE)} for {MAX_MEASURED_REUSE} uses per view)")
+    dataset = PairDataset(run.source, run.recipe, run.fingerprint_kind, run.signature_kind)
     board = _board(cfg) if dist.main else None
     if dist.main:
         write_args(cfg)
@@ -369,8 +387,9 @@ def _one_epoch(run: Run, dataset: PairDataset, epoch: int) -> dict:
     seen = int(totals[0])
     drifted, far = stats["drift"]
     if drifted and dist.main:
+        tol = replay_tolerance(cfg.replay_tolerance, run.signature_kind)
         print(f"warning: {drifted} replayed views of epoch {epoch} differ slightly from the pixels the teacher saw "
-              f"(at most {far:.3f}, within --replay-tolerance {cfg.replay_tolerance}); another library version?")
+              f"(at most {far:.3f}, within --replay-tolerance {tol}){library_drift(run.cache_manifest)}")
     return {"epoch": epoch, "alpha": stats["alpha"], "lr": run.optimizer.param_groups[0]["lr"],
             "img_per_s": seen / stats["seconds"], "teacher_source": cfg.teacher_source,
             "cached_epoch": run.plan_epochs[epoch % len(run.plan_epochs)], "cycle": epoch // len(run.plan_epochs),

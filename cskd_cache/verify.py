@@ -8,7 +8,8 @@ import torch
 from .data import match_samples, open_source
 from .errors import CacheError
 from .store import Cache
-from .views import PairDataset, pair_items, signature_distance
+from .loader import library_drift
+from .views import PairDataset, pair_items, replay_matches, replay_tolerance, signature_distance
 
 
 def _spread_pairs(cache: Cache, count: int) -> list[int]:
@@ -31,7 +32,7 @@ def _replayed(cache: Cache, source, match: str):
     """A function view -> the replayed pair (dict as PairDataset gives it), over the cache's samples in --data."""
     ids, _ = match_samples(cache.sample_keys(), cache.sample_labels(), source, match,
                            cache.sample_hashes() if match == "content" else None)
-    dataset = PairDataset(source.subset(ids), cache.recipe, cache.fingerprint_kind)
+    dataset = PairDataset(source.subset(ids), cache.recipe, cache.fingerprint_kind, cache.signature_kind)
 
     def replay(v: int) -> dict:
         got = dataset[pair_items(cache.epoch_plan, [v, v + 1], cache.stride)[0]]
@@ -53,7 +54,8 @@ def replay_views(cache: Cache, source, count: int, match: str = "key") -> dict:
         for i in range(2):
             if int(got["fingerprint"][i]) != int(want["fingerprint"][i]):
                 out["drifted"].append(v + i)
-                out["distance"].append(float(signature_distance(got["signature"][i].numpy(), want["signature"][i]))
+                out["distance"].append(float(signature_distance(got["signature"][i].numpy(), want["signature"][i],
+                                                                cache.signature_kind))
                                        if "signature" in want else float("inf"))
         out["checked"] += 2
     return out
@@ -215,7 +217,8 @@ def _exactness(enc: dict) -> str:
     return out + ("; approximate (top-k): " + ", ".join(approx) if approx else "")
 
 
-def verify_cache(url: str, replay: int = 0, data: str | None = None, match: str = "key", tolerance: float = 0.05,
+def verify_cache(url: str, replay: int = 0, data: str | None = None, match: str = "key",
+                 tolerance: float | None = None,
                  teacher_views: int = 0, teacher_checkpoint: str | None = None, pretrained: bool = False,
                  teacher_tolerance: float = 0.02, device: str | None = None) -> dict:
     """Everything that can be wrong with a cache, listed: unwritten or foreign shards, a manifest that does not
@@ -255,15 +258,21 @@ def verify_cache(url: str, replay: int = 0, data: str | None = None, match: str 
             problems.append(f"shard {s}: files missing for {', '.join(missing)} (marked done, but deleted since)")
             continue
         for a in range(start, stop, step):
+            b, chunk = min(a + step, stop), {}
             for name in names:
-                where = f"views/{name} views {a}..{min(a + step, stop)} (shard {s})"
                 try:
-                    chunk = np.asarray(cache.group[f"views/{name}"][a:min(a + step, stop)])
+                    chunk[name] = np.asarray(cache.group[f"views/{name}"][a:b])
                 except Exception as e:  # noqa: BLE001 - zarr raises several types for a corrupt chunk
-                    problems.append(f"{where}: {type(e).__name__}: {str(e)[:200]}")
-                    continue
-                if chunk.dtype.kind == "f" and np.isnan(chunk).any():
-                    problems.append(f"{where}: unwritten (NaN) values")
+                    problems.append(f"views/{name} views {a}..{b} (shard {s}): {type(e).__name__}: {str(e)[:200]}")
+            if len(chunk) < len(names):
+                continue
+            # fill values where a written view cannot hold them: the encoding knows its own padding (a ckf global
+            # table is NaN/-1 padded after its last class); a fingerprint is never 0
+            empty = cache.encoding.unwritten({k: chunk[k] for k in cache.encoding.arrays()}) | \
+                (chunk["fingerprint"] == 0)
+            if empty.any():
+                problems.append(f"views {a}..{b} (shard {s}): {int(empty.sum())} views hold unwritten (fill) "
+                                f"values, e.g. view {a + int(np.flatnonzero(empty)[0])}")
     if cache.manifest.get("files"):  # every file against the list a mirror or a partial copy is checked by
         from .share import check_files
 
@@ -276,11 +285,13 @@ def verify_cache(url: str, replay: int = 0, data: str | None = None, match: str 
     report = {"summary": summary, "problems": problems}
     if replay:
         r = replay_views(cache, source, replay, match)
-        far = [d for d in r["distance"] if d > tolerance]
+        tolerance = replay_tolerance(tolerance, cache.signature_kind)
+        # tolerance 0: exact pixels only (a drift can leave a signature unchanged, at distance 0)
+        far = [d for d in r["distance"] if not replay_matches(False, d, tolerance)]
         if far:
             problems.append(f"{len(far)} of {r['checked']} replayed views differ from the pixels the teacher saw by "
-                            f"more than {tolerance} (up to {max(far):.3f}); the cache recorded "
-                            f"{cache.manifest['recipe'].get('library_versions')} (inspect --requirements)")
+                            f"more than {tolerance} (up to {max(far):.3f}){library_drift(cache.manifest)} "
+                            "(inspect --requirements pins the cache's)")
         near = len(r["drifted"]) - len(far)
         report["replay"] = r
         if not r["drifted"]:

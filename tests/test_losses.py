@@ -114,7 +114,7 @@ def test_dense_ce_is_mean_over_every_position():
 @pytest.mark.parametrize("T", [1.0, 2.0])
 def test_soft_distill_is_deits_formula(T):
     out, target, teacher, _ = _inputs(2)
-    _, parts = CSKDLoss("soft", T)(out, target, teacher_global=teacher.half())
+    _, parts = CSKDLoss("soft", T, cskd_weight=0)(out, target, teacher_global=teacher.half())
     ps, pt = (out["dist"] / T).log_softmax(-1), (teacher.half().float() / T).log_softmax(-1)
     deit = (pt.exp() * (pt - ps)).sum() * T * T / (B * K)  # KL(teacher || student), summed, / numel
     assert parts["distill"] == pytest.approx(deit.item(), rel=1e-5)
@@ -125,12 +125,12 @@ def test_soft_distill_is_deits_formula(T):
 def test_cached_argmax_drives_hard_distill():
     out, target, teacher, _ = _inputs(3)
     other = (teacher.argmax(-1) + 1) % K
-    _, parts = CSKDLoss()(out, target, teacher_global=teacher, teacher_global_argmax=other)
+    _, parts = CSKDLoss(cskd_weight=0)(out, target, teacher_global=teacher, teacher_global_argmax=other)
     assert parts["distill"] == pytest.approx(F.cross_entropy(out["dist"], other).item(), rel=1e-6)
-    _, only = CSKDLoss()(out, target, teacher_global_argmax=teacher.argmax(-1))
+    _, only = CSKDLoss(cskd_weight=0)(out, target, teacher_global_argmax=teacher.argmax(-1))
     assert only["distill"] == pytest.approx(F.cross_entropy(out["dist"], teacher.argmax(-1)).item(), rel=1e-6)
-    with pytest.raises(CacheError, match="global logits"):
-        CSKDLoss("soft")(out, target, teacher_global_argmax=teacher.argmax(-1))
+    with pytest.raises(CacheError, match="teacher_global"):
+        CSKDLoss("soft", cskd_weight=0)(out, target, teacher_global_argmax=teacher.argmax(-1))
 
 
 def test_for_mode_weights_and_refusals():
@@ -146,7 +146,7 @@ def test_for_mode_weights_and_refusals():
         CSKDLoss(temperature=0)
 
 
-def test_modes_skip_terms():
+def test_modes_skip_terms_only_by_weight():
     out, target, teacher, Y = _inputs(4)
     base = F.cross_entropy(out["cls"], target)
     hard = F.cross_entropy(out["dist"], teacher.argmax(-1))
@@ -154,8 +154,16 @@ def test_modes_skip_terms():
     assert set(parts) == {"base", "total"} and total.item() == pytest.approx(base.item(), rel=1e-6)
     total, parts = CSKDLoss.for_mode("deit")(out, target, teacher_global=teacher, ckf_targets=Y)
     assert "cskd" not in parts and total.item() == pytest.approx((0.5 * base + 0.5 * hard).item(), rel=1e-6)
-    total, parts = CSKDLoss.for_mode("cskd")(out, target, teacher_global=teacher)  # no spatial targets given
-    assert "cskd" not in parts and total.item() == pytest.approx((0.5 * base + 0.5 * hard).item(), rel=1e-6)
+    # a weighted term without its teacher tensor is an error, never a silently smaller loss
+    with pytest.raises(CacheError, match="ckf_targets"):
+        CSKDLoss.for_mode("cskd")(out, target, teacher_global=teacher)
+    with pytest.raises(CacheError, match="ckf_logits"):  # a soft CKF loss given hard targets only
+        CSKDLoss.for_mode("cskd", cskd_type="soft")(out, target, teacher_global=teacher, ckf_targets=Y)
+    with pytest.raises(CacheError, match="teacher_global"):
+        CSKDLoss.for_mode("deit")(out, target)
+    total, parts = CSKDLoss.for_mode("cskd", cskd_type="soft")(out, target, teacher_global=teacher,
+                                                               ckf_logits=torch.randn(B, h * w, K))
+    assert "cskd" in parts and torch.isfinite(total)
 
 
 def test_gradients_reach_every_student_output_in_cskd_mode_only():
@@ -183,3 +191,26 @@ def test_student_end_to_end_backward():
     m = s.model
     for p in (m.head.weight, m.head_dist.weight, m.cls_token, m.dist_token, m.patch_embed.proj.weight):
         assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("T, alpha", [(1.0, 0.3), (2.0, 1.0), (4.0, 0.0)])
+def test_soft_ckf_is_the_official_formula(T, alpha):
+    """The official code's soft CKF loss, written out by hand: fused = alpha * dense + (1 - alpha) * global (logit
+    space, per position), then sum over batch, classes and positions of p_t * (log p_t - log p_s) at temperature T,
+    times T^2, divided by the batch size. Our path: the teacher's logits through the `full` encoding (fp16 dense,
+    fp32 global, as cached), fused by decode_fused, into CSKDLoss.spatial_soft."""
+    from cskd_cache.encodings import make_encoding
+
+    g = torch.Generator().manual_seed(7)
+    student = torch.randn(B, K, h, w, generator=g)
+    t_dense = (torch.randn(B, h * w, K, generator=g) * 3).half().float()  # what the cache keeps: fp16 values
+    t_global = t_dense.mean(1)
+    fused = alpha * t_dense.double() + (1 - alpha) * t_global.double()[:, None, :]  # [B, P, K]
+    log_pt = torch.log_softmax(fused / T, -1)
+    log_ps = torch.log_softmax(student.double().flatten(2).transpose(1, 2) / T, -1)  # positions row-major
+    want = float((log_pt.exp() * (log_pt - log_ps)).sum() * T * T / B)
+    enc = make_encoding("full", K, h * w)
+    arrays, _ = enc.encode(t_dense, t_global)
+    loss = CSKDLoss(temperature=T, cskd_type="soft")
+    got = loss.spatial_soft(student, enc.decode_fused(arrays, alpha))
+    assert float(got) == pytest.approx(want, rel=1e-5)

@@ -357,7 +357,7 @@ def test_manifest_records_normalisation_precision_and_defaults(tmp_path, image_f
     assert "exact: hard CKF targets, hard distillation" in text and "lossy" not in text
     r = runner.invoke(app, ["precompute", "--help"])
     flat = "".join(ch for ch in r.output if ch.isalnum() or ch == ".")  # rich wraps help text in boxes
-    assert "eachviewused5times" in flat and "docsresults.md" in flat and "0.72GB" in flat and "default60" in flat
+    assert "300default" in flat and "freshviewseveryepoch" in flat and "0.72GB" in flat
 
 
 def test_unknown_recipe_fields_and_benign_changes(tmp_path, image_folder, teacher_checkpoint):

@@ -83,31 +83,42 @@ def test_regnety_160_alias_is_deits_teacher(monkeypatch):
     assert seen["name"] == "regnety_160.deit_in1k"
 
 
-def test_each_model_sees_views_normalised_with_its_own_config():
-    """Views are normalised with the recipe's mean/std (ImageNet's for DeiT); test_resnet's pretrained config says
-    0.5/0.5: the teacher must see exactly the pixels a 0.5/0.5 transform gives, the student its own."""
+def test_each_model_sees_the_views_pixels_in_its_own_units():
+    """Views are the recipe's pixels in the recipe's units (ImageNet mean/std); test_resnet's config says 0.5/0.5.
+    Teacher and student must both see exactly the view's pixels, each in its own units, for every kind of view
+    (RandAugment fills, random erasing, mixing). What they do not see (and the docstring says so): a 0.5/0.5 transform's
+    own view, whose fill colour and erasing noise differ; the seeds below include both cases."""
+    import skimage.data
     from PIL import Image
 
     from cskd_cache.student import create_student
-    from cskd_cache.views import Recipe, augment, build_transform
+    from cskd_cache.views import Recipe, augment, build_transform, mix_pair
 
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=3).eval()
     assert tuple(model.pretrained_cfg["mean"]) == (0.5, 0.5, 0.5)
-    img = Image.fromarray((torch.rand(48, 48, 3) * 255).byte().numpy())
+    img = Image.fromarray(skimage.data.chelsea()).convert("RGB")
     imagenet, half = Recipe(input_size=64), Recipe(input_size=64, mean=(0.5,) * 3, std=(0.5,) * 3)
-    x_view = torch.stack([augment(build_transform(imagenet), img, s) for s in (1, 2)])
-    x_own = torch.stack([augment(build_transform(half), img, s) for s in (1, 2)])
+    seeds = range(12)
+    x_view = torch.stack([augment(build_transform(imagenet), img, s) for s in seeds])
+    x_own = torch.stack([augment(build_transform(half), img, s) for s in seeds])
+    x_view[0], x_view[1] = mix_pair(x_view[0], x_view[1], 0.7, 1, None)  # a mixup pair too
+    vm, vs = torch.tensor(imagenet.mean).view(1, 3, 1, 1), torch.tensor(imagenet.std).view(1, 3, 1, 1)
+    pixels = x_view * vs + vm  # the view's pixels (0..1, noise where erased)
     t = DenseTeacher(model, view_mean=imagenet.mean, view_std=imagenet.std)
-    assert not t.renorm.identity
-    torch.testing.assert_close(t.renorm(x_view), x_own, atol=1e-5, rtol=0)  # erasing noise included
-    want = model(x_own)
-    torch.testing.assert_close(t(x_view)[1], want, atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(DenseTeacher(model, view_mean=(0.5,) * 3, view_std=(0.5,) * 3)(x_view)[1], want,
-                              atol=1e-3)  # fed unconverted, it would see other inputs
-    s = create_student("deit_tiny_distilled_patch16_224", 3, 64, (2, 2), view_mean=(0.5,) * 3, view_std=(0.5,) * 3)
-    assert not s.renorm.identity  # DeiT's config is ImageNet's
-    torch.testing.assert_close(s.renorm(x_own), x_view, atol=1e-5, rtol=0)
+    s = create_student("deit_tiny_distilled_patch16_224", 3, 64, (2, 2), view_mean=imagenet.mean,
+                       view_std=imagenet.std)
+    assert not t.renorm.identity and s.renorm.identity  # DeiT's config is ImageNet's: the view as it is
+    torch.testing.assert_close(t.renorm(x_view) * 0.5 + 0.5, pixels, atol=1e-5, rtol=0)  # the same pixels
+    torch.testing.assert_close(t(x_view)[1], model((pixels - 0.5) / 0.5), atol=1e-4, rtol=1e-4)
+    # mixing commutes with the map: a mixed view is the mix of the two renormalised views
+    a, b = t.renorm(torch.stack([augment(build_transform(imagenet), img, s) for s in (0, 1)]))
+    torch.testing.assert_close(t.renorm(x_view[:2]), torch.stack(mix_pair(a, b, 0.7, 1, None)), atol=1e-5, rtol=0)
+    # not the 0.5/0.5 transform's own view: fill colour (recipe mean) and erasing noise (recipe units) differ
+    differ = (t.renorm(x_view[2:]) - x_own[2:]).abs().flatten(1).amax(1) > 0.1
+    assert 3 <= int(differ.sum()) < len(differ)  # seeds with fills or erasing differ, the others do not
+    fed_raw = DenseTeacher(model, view_mean=(0.5,) * 3, view_std=(0.5,) * 3)(x_view)[1]
+    assert not torch.allclose(fed_raw, t(x_view)[1], atol=1e-3)  # fed unconverted, it would see other inputs
 
 
 def test_precision_is_a_choice_and_recorded(tmp_path, teacher_checkpoint):
