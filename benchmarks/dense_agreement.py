@@ -18,10 +18,11 @@ import torch
 from PIL import Image
 
 from benchmarks.common import lite0_checkpoint, parser, real_photos, save, setup, table
-from cskd_cache.data import open_source
-from cskd_cache.experiment import dense_vs_global
-from cskd_cache.teacher import create_teacher
-from cskd_cache.views import Recipe, augment, build_transform
+from cskd_cache.data.open import open_source
+from cskd_cache.demo.experiment import dense_vs_global
+from cskd_cache.teacher.model import create_teacher
+from cskd_cache.data.recipe import Recipe, build_transform
+from cskd_cache.data.replay import augment
 
 
 def main() -> None:

@@ -38,12 +38,14 @@ from PIL import Image
 from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation
 
 from benchmarks.common import PHOTOS, _photo, parser, real_photos, save, table
-from cskd_cache.plan import MODE_CUTMIX, MODE_MIXUP, make_epoch_plan
-from cskd_cache.views import Recipe, augment, build_transform, fingerprint, mix_pair
-from cskd_cache.views import SIGNATURES, replay_matches
+from cskd_cache.data.plan import MODE_CUTMIX, MODE_MIXUP, make_epoch_plan
+from cskd_cache.data.fingerprint import fingerprint
+from cskd_cache.data.recipe import Recipe, build_transform
+from cskd_cache.data.replay import augment, mix_pair
+from cskd_cache.data.fingerprint import SIGNATURES, replay_matches
 
 # The library's two signatures: format 2's cells4x4 ("old": 4x4 cell means, max difference) and format 3's sketch64
-# ("new": a count sketch of 8x8-pixel block means, RMS difference); cskd_cache/views.py says why each is built so.
+# ("new": a count sketch of 8x8-pixel block means, RMS difference); cskd_cache/data/fingerprint.py says why each is built so.
 old_signature, old_signature_distance, _, OLD_TOLERANCE = SIGNATURES["cells4x4"]
 signature, signature_distance, _, SKETCH_TOLERANCE = SIGNATURES["sketch64"]
 

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from benchmarks.common import Timer, parser, random_checkpoint, real_photos, save, setup, table
-from cskd_cache.data import open_source
-from cskd_cache.precompute import PrecomputeConfig, precompute
-from cskd_cache.store import Cache
-from cskd_cache.teacher import create_teacher
-from cskd_cache.views import PairDataset, Recipe, pair_items
+from cskd_cache.data.open import open_source
+from cskd_cache.teacher.precompute import PrecomputeConfig, precompute
+from cskd_cache.cache.store import Cache
+from cskd_cache.teacher.model import create_teacher
+from cskd_cache.data.recipe import Recipe
+from cskd_cache.data.replay import PairDataset, pair_items
 
 
 def main() -> None:

@@ -2,26 +2,32 @@
 
 The teacher outputs of a real ImageNet teacher (efficientnet_lite0) on real photos (benchmarks.storage's
 pipeline) are tiled into a cache of --views views (ImageNet's layout: 2048-view shards, 64-view chunks). Measured
-in one process: reading them the way training does (one batch of views at a time, every array, fingerprints and
-signatures included), reading large runs, decoding CKF targets on the CPU, and both together.
+in one process, for both readers side by side (zarr-python, as `Cache.gather` read before issue 17; the shard
+reader of cache/reader.py): reading the views the way training does (one batch of views at a time, every array,
+fingerprints and signatures included; in plan order, as the first pass over a cache reads them, and in shuffled
+chunk-sized blocks, as later passes do), decoding CKF targets on the CPU, and both together. The load average is
+recorded: on a shared machine, other processes' load lowers every figure.
 
-    python -m benchmarks.read_decode
+    python -m benchmarks.read_decode --threads 1
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import tempfile
 import time
+from functools import partial
 
 import numpy as np
 import torch
 
 from benchmarks.common import lite0_checkpoint, parser, real_photos, save, setup, table
-from cskd_cache import write
-from cskd_cache.precompute import PrecomputeConfig, precompute
-from cskd_cache.store import Cache, make_layout, to_torch
-from cskd_cache.views import Recipe
+from cskd_cache.cache import write
+from cskd_cache.cache.reader import ShardReader, zarr_gather
+from cskd_cache.teacher.precompute import PrecomputeConfig, precompute
+from cskd_cache.cache.store import Cache, make_layout, to_torch
+from cskd_cache.data.recipe import Recipe
 
 
 def tiled_cache(src: Cache, out: str, views: int, shard_views: int = 2048, chunk_views: int = 64) -> Cache:
@@ -61,26 +67,36 @@ def main() -> None:
                                       epochs=1, batch_size=32, workers=2, chunk_views=64, shard_views=128,
                                       device="cpu", same_label_space=True))  # photos, an ImageNet teacher
     cache = tiled_cache(src, f"{tmp}/big.zarr", views)
-    enc, rows = cache.encoding, []
-    n = cache.num_views
-    for batch in (64, 256, 1024):
-        t = time.perf_counter()
-        for a in range(0, n - batch + 1, batch):
-            cache.gather(np.arange(a, a + batch))
-        read = (n - n % batch) / (time.perf_counter() - t)
-        arrays, _, spill = cache.gather(np.arange(0, batch))
-        tensors = to_torch(arrays)
+    enc, rows, load = cache.encoding, [], [os.getloadavg()[0]]
+    n, chunk = cache.num_views, cache.manifest["layout"]["chunk_views"]
+    blocks = np.random.default_rng(0).permutation(n // chunk)  # later passes over a cache: shuffled blocks
+    orders = {"in order": np.arange(n), "shuffled blocks": (blocks[:, None] * chunk + np.arange(chunk)).ravel()}
+    for batch in (64, 1024) if args.smoke else (64, 128, 256, 1024):
+        tensors = to_torch(cache.gather(np.arange(0, batch))[0])
         reps = max(1, 4096 // batch)
         t = time.perf_counter()
         for _ in range(reps):
             enc.decode_targets(tensors, 0.37, None)
         decode = reps * batch / (time.perf_counter() - t)
-        rows.append({"views per read": batch, "read views/s": read, "decode views/s (CPU)": decode,
-                     "read + decode views/s": 1 / (1 / read + 1 / decode)})
+        for name in ("zarr-python", "shard reader"):
+            read, cpu = {}, 0.0
+            for order, views in orders.items():
+                gather = ShardReader(cache).gather if name == "shard reader" else partial(zarr_gather, cache)
+                starts = range(0, n - batch + 1, batch)
+                t, c = time.perf_counter(), time.process_time()
+                for a in starts:
+                    gather(views[a:a + batch])
+                read[order] = len(starts) * batch / (time.perf_counter() - t)
+                cpu = cpu or len(starts) * batch / (time.process_time() - c)
+            rows.append({"reader": name, "views per read": batch, "read views/s": read["in order"],
+                         "read views/CPU-s": cpu, "read views/s (shuffled blocks)": read["shuffled blocks"],
+                         "decode views/s (CPU)": decode,
+                         "read + decode views/s": 1 / (1 / read["in order"] + 1 / decode)})
+    load.append(os.getloadavg()[0])
     print(table(rows, list(rows[0])))
     path = save("read_decode", args, rows, {"views": n, "layout": cache.manifest["layout"], "threads":
-                                            torch.get_num_threads(), "teacher": "efficientnet_lite0 on real photos"},
-                device)
+                                            torch.get_num_threads(), "teacher": "efficientnet_lite0 on real photos",
+                                            "load_average_1min": {"start": load[0], "end": load[1]}}, device)
     print(f"\n{path}")
 
 

@@ -17,9 +17,11 @@ import torch
 from PIL import Image
 
 from benchmarks.common import parser, real_photos, save, table
-from cskd_cache.data import open_source
-from cskd_cache.plan import MODE_MIXUP
-from cskd_cache.views import Recipe, augment, build_transform, fingerprint, mix_pair, signature
+from cskd_cache.data.open import open_source
+from cskd_cache.data.plan import MODE_MIXUP
+from cskd_cache.data.fingerprint import fingerprint, signature
+from cskd_cache.data.recipe import Recipe, build_transform
+from cskd_cache.data.replay import augment, mix_pair
 
 # Published training-time reference (DeiT paper, Table 1: images/s at inference on one V100-16GB, AMP). Training
 # costs about 3x inference (forward + backward), and an H100 is about 4x a V100 for ViTs; both are assumptions,

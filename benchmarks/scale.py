@@ -19,12 +19,13 @@ import torch
 import zarr
 
 from benchmarks.common import lite0_checkpoint, parser, real_photos, save, setup, table
-from cskd_cache.ckf import SPILLED
-from cskd_cache.data import open_source
-from cskd_cache.encodings import make_encoding
-from cskd_cache.store import _codecs
-from cskd_cache.teacher import create_teacher
-from cskd_cache.views import Recipe, augment, build_transform
+from cskd_cache.cache.ckf import SPILLED
+from cskd_cache.data.open import open_source
+from cskd_cache.cache.encodings import make_encoding
+from cskd_cache.cache.store import _codecs
+from cskd_cache.teacher.model import create_teacher
+from cskd_cache.data.recipe import Recipe, build_transform
+from cskd_cache.data.replay import augment
 
 IMAGENET_VIEWS = 1_281_167 - 1  # views per cached epoch (pairs: an even count)
 REGNETY_160_GMACS = 15.9  # timm's figure for regnety_160 at 224 px

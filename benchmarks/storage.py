@@ -20,10 +20,10 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from benchmarks.common import lite0_checkpoint, parser, real_photos, save, setup, table
-from cskd_cache.ckf import SPILLED, CKFEncoding
-from cskd_cache.precompute import PrecomputeConfig, precompute
-from cskd_cache.store import _codecs
-from cskd_cache.views import Recipe
+from cskd_cache.cache.ckf import SPILLED, CKFEncoding
+from cskd_cache.teacher.precompute import PrecomputeConfig, precompute
+from cskd_cache.cache.store import _codecs
+from cskd_cache.data.recipe import Recipe
 
 CODECS = {
     "per array (default): zstd9, ckf_dense unshuffled": None,  # as caches are written

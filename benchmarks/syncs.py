@@ -21,14 +21,16 @@ import tempfile
 import torch
 
 from benchmarks.common import parser, random_checkpoint, real_photos, save, setup, table
-from cskd_cache import engine
+from cskd_cache.training import engine
 from cskd_cache.distributed import Dist
-from cskd_cache.precompute import PrecomputeConfig, precompute
-from cskd_cache.train import TrainConfig, _one_epoch, setup as train_setup
-from cskd_cache.views import PairDataset, Recipe
+from cskd_cache.teacher.precompute import PrecomputeConfig, precompute
+from cskd_cache.training.train import TrainConfig, _one_epoch, setup as train_setup
+from cskd_cache.data.recipe import Recipe
+from cskd_cache.data.replay import PairDataset
 
 METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu")
-STEP_MODULES = ("engine", "losses", "encodings", "ckf", "student", "train")
+STEP_MODULES = ("training/engine", "training/losses", "cache/encoding", "cache/ckf", "training/student",
+                "training/train")
 
 
 def main() -> None:
@@ -75,7 +77,7 @@ def main() -> None:
 
     for m in METHODS:
         setattr(torch.Tensor, m, counting(m))
-    import cskd_cache.train as train_mod
+    import cskd_cache.training.train as train_mod
 
     train_mod.train_one_epoch = instrumented
     if device.type == "cuda":

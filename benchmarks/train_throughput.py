@@ -20,9 +20,9 @@ import tempfile
 import torch
 
 from benchmarks.common import parser, random_checkpoint, real_photos, save, setup, table
-from cskd_cache.precompute import PrecomputeConfig, precompute
-from cskd_cache.train import TrainConfig, train
-from cskd_cache.views import Recipe
+from cskd_cache.teacher.precompute import PrecomputeConfig, precompute
+from cskd_cache.training.train import TrainConfig, train
+from cskd_cache.data.recipe import Recipe
 
 MODES = ("cache", "online", "none")
 

@@ -43,6 +43,7 @@ def _version(value: bool) -> None:
 
 
 app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
                   help="Offline teacher-label cache for Cumulative Spatial Knowledge Distillation (CSKD).")
 
 
@@ -57,8 +58,20 @@ def fail(message: str, code: int = 2):
     raise typer.Exit(code)
 
 
+# What to do after Ctrl-C, by command: how each one continues where it stopped (the others have nothing to resume)
+AFTER_INTERRUPT = {
+    "precompute": "run the same command again to resume",
+    "pull": "run the same command again to resume",
+    "train": "add --resume to the same command to continue the run",
+    "fit-teacher": "run the same command again to resume",
+    "demo": "run the same command again: finished stages are reused",
+    "experiment": "run the same command again: finished runs are reused",
+}
+
+
 def user_errors(fn):
     """Turn the library's user-facing errors (and a few OS ones) into a one-line message and exit code 2."""
+    command = fn.__name__.replace("_", "-")  # typer's command name
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -67,7 +80,8 @@ def user_errors(fn):
         except CacheError as e:
             fail(str(e))
         except KeyboardInterrupt:
-            fail("interrupted; run the same command again to resume", code=130)
+            hint = AFTER_INTERRUPT.get(command)
+            fail("interrupted" + (f"; {hint}" if hint else ""), code=130)
         except OSError as e:
             fail(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
 

@@ -72,9 +72,9 @@ def precompute(
 ):
     """Run the teacher once over augmented views and store its dense and global outputs."""
     from cskd_cache.distributed import init_distributed
-    from cskd_cache.precompute import PrecomputeConfig
-    from cskd_cache.precompute import precompute as run
-    from cskd_cache.views import Recipe
+    from cskd_cache.teacher.precompute import PrecomputeConfig
+    from cskd_cache.teacher.precompute import precompute as run
+    from cskd_cache.data.recipe import Recipe
 
     encoding, teacher_precision = encoding.value, teacher_precision.value
     recipe = Recipe(input_size=input_size, auto_augment=None if auto_augment.lower() == "none" else auto_augment,
@@ -108,7 +108,7 @@ def inspect(cache: str = typer.Argument(..., help="Cache path or URL."),
             requirements: bool = typer.Option(False, "--requirements", help="Print the library versions the "
                                                                             "replay depends on, pinned (pip -r).")):
     """Print a cache's manifest, array shapes, bytes per view and completeness."""
-    from cskd_cache import verify as v
+    from cskd_cache.cache import inspect as v
 
     info = v.describe_cache(cache)
     if requirements:
@@ -138,13 +138,15 @@ def verify(cache: str = typer.Argument(..., help="Cache path or URL."),
            device: Optional[str] = typer.Option(None, help="--teacher-check: cpu, cuda, ...")):
     """Read every chunk (crc32c checked), check completeness and the plan, optionally replay views.
     Exit 0: the cache is sound; 1: it is not (every problem listed); 2: the command could not run."""
-    from cskd_cache.verify import verify_cache
+    from cskd_cache.cache.verify import verify_cache
+    from cskd_cache.teacher.check import check_teacher
 
     if teacher_check and not (teacher_checkpoint or pretrained):
         fail("--teacher-check needs the teacher: --teacher-checkpoint PATH or --pretrained")
-    report = verify_cache(cache, replay=replay, data=data, match=match.value, tolerance=replay_tolerance,
-                          teacher_views=teacher_check, teacher_checkpoint=teacher_checkpoint, pretrained=pretrained,
-                          teacher_tolerance=teacher_tolerance, device=device)
+    report = verify_cache(cache, replay=replay, data=data, match=match.value, tolerance=replay_tolerance)
+    if teacher_check and report["summary"]:  # a cache whose arrays do not match its manifest is not re-run
+        check_teacher(report, cache, data, teacher_check, teacher_checkpoint, pretrained, match.value, device,
+                      teacher_tolerance)
     if report["problems"]:
         typer.echo(f"{cache}: verify failed, {len(report['problems'])} problem(s):", err=True)
         for p in report["problems"]:

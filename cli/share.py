@@ -15,7 +15,7 @@ def export(cache: str = typer.Argument(..., help="Cache path or URL."),
            out: str = typer.Argument(..., help="The file to write: NAME.zarr.zip."),
            epochs: Optional[str] = typer.Option(None, help="Only these epochs (0-9, 0,3,5-7); default all.")):
     """Write a cache (or some of its epochs) as one .zarr.zip, every file checked against its list."""
-    from cskd_cache.share import export as run
+    from cskd_cache.cache.share import export as run
 
     r = run(cache, out, epochs)
     typer.echo(f"{out}: {r['files']} files, {r['bytes'] / 1e6:.1f} MB")
@@ -27,11 +27,15 @@ def pull(url: str = typer.Argument(..., help="Cache to copy: a path or URL (http
          local: str = typer.Argument(..., help="Local folder to copy it into."),
          epochs: Optional[str] = typer.Option(None, help="Only these epochs (0-9, 0,3,5-7); default all."),
          workers: int = typer.Option(8, min=1, help="Files fetched at once.")):
-    """Copy all or some epochs of a cache, checking every file's sha256; run it again to resume."""
-    from cskd_cache.share import pull as run
+    """Copy all or some epochs of a cache, checking every file's sha256; run it again to resume. Pulling more
+    epochs of the same cache into the same folder adds them to those it holds."""
+    from cskd_cache.cache.share import pull as run
+
+    from cskd_cache.cache.inspect import _ranges
 
     r = run(url, local, epochs, workers=workers)
-    typer.echo(f"{local}: epochs {r['epochs'][0]}-{r['epochs'][-1]}, {r['files']} files checked, "
+    added = f" (added {_ranges(r['added']) or 'none'} to {_ranges(r['held_before'])})" if r["held_before"] else ""
+    typer.echo(f"{local}: epochs {_ranges(r['epochs'])}{added}, {r['files']} files checked, "
                f"{r['bytes_fetched'] / 1e6:.1f} MB fetched")
 
 
@@ -40,7 +44,7 @@ def pull(url: str = typer.Argument(..., help="Cache to copy: a path or URL (http
 def merge(caches: list[str] = typer.Argument(..., help="Caches of one plan with disjoint epochs."),
           out: str = typer.Option(..., "--out", "--output", help="The merged cache (a new folder).")):
     """Merge caches of the same plan whose epochs were computed apart (e.g. precompute --only-epochs)."""
-    from cskd_cache.share import merge as run
+    from cskd_cache.cache.share import merge as run
 
     r = run(caches, out)
     state = "complete" if r["complete"] else f"partial ({len(r['epochs'])} of {r['of']} epochs)"

@@ -80,8 +80,8 @@ def train(
 ):
     """Train a DeiT student with CSKD from the cache (or an online teacher, or none)."""
     from cskd_cache.distributed import init_distributed
-    from cskd_cache.train import TrainConfig
-    from cskd_cache.train import train as run
+    from cskd_cache.training.train import TrainConfig
+    from cskd_cache.training.train import train as run
 
     dist = init_distributed()
     flags = plain({k: v for k, v in locals().items() if k not in ("run", "TrainConfig", "dist", "init_distributed",
@@ -100,6 +100,10 @@ def fit_teacher(
     teacher: str = typer.Option("regnety_160", help="timm CNN name."),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained",
                                     help="Fine-tune timm's weights (hub) or train from scratch."),
+    init_checkpoint: Optional[str] = typer.Option(None, help="Fine-tune these local weights (.safetensors/.pth of "
+                                                             "the --teacher architecture, loaded weights-only; a "
+                                                             "classifier of another class count is replaced) "
+                                                             "instead of the hub's."),
     val_data: Optional[str] = typer.Option(None, help="Validation data: top-1 after every epoch."),
     epochs: int = typer.Option(10, min=1, help="Training epochs."),
     batch_size: int = typer.Option(64, min=1, help="Images per step."),
@@ -113,8 +117,8 @@ def fit_teacher(
     seed: int = typer.Option(0, help="Seed of the classifier init and the data order."),
 ):
     """Fit (or fine-tune) a timm CNN teacher on your dataset before caching it; an interrupted run resumes."""
-    from cskd_cache.fit_teacher import FitTeacherConfig
-    from cskd_cache.fit_teacher import fit_teacher as run
+    from cskd_cache.teacher.fit import FitTeacherConfig
+    from cskd_cache.teacher.fit import fit_teacher as run
 
     report = run(FitTeacherConfig(**{k: v for k, v in locals().items() if k not in ("run", "FitTeacherConfig")}))
     last = report["history"][-1] if report["history"] else {}
@@ -134,7 +138,7 @@ def evaluate(
 ):
     """Top-1/top-5 of the class head, the distillation head, the patch tokens and CSKD's mean of the three, for
     the model and its EMA."""
-    from cskd_cache.evaluate import evaluate_checkpoint, format_accuracy
+    from cskd_cache.training.evaluate import evaluate_checkpoint, format_accuracy
 
     result = evaluate_checkpoint(checkpoint, val_data, batch_size, workers, device)
     typer.echo(json.dumps(result, indent=2) if as_json else format_accuracy(result))
@@ -145,6 +149,6 @@ def evaluate(
 def plot(runs: list[str] = typer.Argument(..., help="Run folders (cskd-cache train --out)."),
          out: str = typer.Option("curves.png", "--out", "--output", help="The PNG to write.")):
     """Training loss, top-1 (model and EMA) and CKF's alpha per epoch, for one or more runs side by side."""
-    from cskd_cache.plots import plot_runs
+    from cskd_cache.demo.plots import plot_runs
 
     typer.echo(plot_runs(runs, out))

@@ -11,17 +11,24 @@ The library, for your own training loop (docs/api.md):
 `CachedViews` (replayed views, labels, mixing, teacher outputs), `CSKDLoss` (the objective), `ckf_alpha` /
 `alpha_at` (CKF's schedule), `mixup_target`, `create_student` / `CSKDStudent` (DeiT with dense heads),
 `create_teacher` / `DenseTeacher`, `CSKDTask` (a `timm.task.TrainingTask`), `Cache`, and the stages' configs
-(`cskd_cache.precompute.precompute(PrecomputeConfig(...))`, `cskd_cache.train.train(TrainConfig(...))`). Names
-are imported on first use (torch, timm and zarr are heavy).
+(`cskd_cache.teacher.precompute.precompute(PrecomputeConfig(...))`, `cskd_cache.training.train.train(
+TrainConfig(...))`). Names are imported on first use (torch, timm and zarr are heavy).
+
+The sub-packages are the architecture (docs/design.md): `data` (image sources, the view plan, the recipe, replay,
+fingerprints) <- `cache` (the format: encodings, store, writing, sharing, verify) <- `teacher` (the teacher model,
+fit-teacher, stage one: precompute) <- `training` (stage two: student, loss, loader, train, the timm task, the
+library API) <- `demo`; the CLI (`cskd_cache_cli`) sits on top. Imports go that way only.
 """
 
 __version__ = "0.2.0"
 
 _EXPORTS = {
-    "CachedViews": "api", "CSKDTask": "task", "CSKDLoss": "losses", "ckf_alpha": "losses", "alpha_at": "losses",
-    "mixup_target": "losses", "create_student": "student", "CSKDStudent": "student", "create_teacher": "teacher",
-    "DenseTeacher": "teacher", "Cache": "store", "make_encoding": "encodings", "PrecomputeConfig": "precompute",
-    "TrainConfig": "train", "Recipe": "views", "CacheError": "errors",
+    "CachedViews": "training.cached_views", "CSKDTask": "training.task", "CSKDLoss": "training.losses",
+    "ckf_alpha": "training.losses", "alpha_at": "training.losses", "mixup_target": "training.losses",
+    "create_student": "training.student", "CSKDStudent": "training.student", "create_teacher": "teacher.model",
+    "DenseTeacher": "teacher.model", "Cache": "cache.store", "make_encoding": "cache.encodings",
+    "PrecomputeConfig": "teacher.precompute", "TrainConfig": "training.train", "Recipe": "data.recipe",
+    "CacheError": "errors",
 }
 __all__ = ["__version__", *_EXPORTS]
 

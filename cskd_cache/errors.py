@@ -13,5 +13,6 @@ class BadImageError(DataError):
     """One sample's image cannot be decoded; `key` names it so the user can find or skip it."""
 
     def __init__(self, key: str, reason: str):
-        super().__init__(f"cannot decode image {key!r}: {reason} (fix or remove it, or pass --skip-bad)")
+        super().__init__(f"cannot decode image {key!r}: {reason} (fix or remove it; precompute --skip-bad skips "
+                         "such images)")
         self.key = key

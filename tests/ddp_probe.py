@@ -11,12 +11,13 @@ import sys
 
 import torch
 
-import cskd_cache.train as train_mod
+import cskd_cache.training.setup as setup_mod
+import cskd_cache.training.train as train_mod
 
 built = []
 
 
-class RecordingEma(train_mod.ModelEmaV3):
+class RecordingEma(setup_mod.ModelEmaV3):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         built.append(self)
@@ -39,8 +40,8 @@ def digest(module) -> str:
 
 
 if __name__ == "__main__":
-    train_mod.ModelEmaV3 = RecordingEma
-    create_student, train_mod.create_student = train_mod.create_student, rank_dependent_student
+    setup_mod.ModelEmaV3 = RecordingEma
+    create_student, setup_mod.create_student = setup_mod.create_student, rank_dependent_student
     rank = os.environ.get("RANK", "0")
     for cfg in json.loads(sys.argv[1]):
         cfg = train_mod.TrainConfig(**cfg)

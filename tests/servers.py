@@ -1,5 +1,13 @@
-"""Real servers on 127.0.0.1 for the remote tests: nginx over a folder (Range requests, an access log of bytes
-sent) and moto's S3 in server mode. No network beyond the loopback."""
+"""Real servers on 127.0.0.1 for the remote tests, no network beyond the loopback: a static web server over a
+folder (Range requests, ETags, no folder listing, an access log of body bytes sent) and moto's S3 in server mode.
+
+The web server is aiohttp's (`web.FileResponse`: a dependency already, so `pip install -e ".[test]"` is all the
+set-up), run in its own process as a user would run one; nginx serves the same folder the same way where it is
+installed (`http_server("nginx", ...)`), so the tests also run against the server labs most often publish with.
+Both write one access-log line per request in the same format: METHOD PATH STATUS BODY_BYTES "RANGE".
+
+Run by hand: `python tests/servers.py ROOT PORT LOG`.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +17,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
                                        if os.path.exists(p)), None)
+KINDS = ("aiohttp", "nginx")
 
 
 def free_port() -> int:
@@ -25,7 +35,8 @@ def _wait(port: int, proc, timeout: float = 20) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
+            err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
+            raise RuntimeError(f"server exited with {proc.returncode}: {err}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -33,11 +44,45 @@ def _wait(port: int, proc, timeout: float = 20) -> None:
     raise RuntimeError(f"server on port {port} did not start")
 
 
+def _stop(proc, sig) -> None:
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def http_server(kind: str, root, workdir):
+    """`kind` ("aiohttp" or "nginx") serving `root` at http://127.0.0.1:PORT/; yields (base URL, access log)."""
+    server = {"aiohttp": aiohttp_server, "nginx": nginx}[kind]
+    with server(root, workdir) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def aiohttp_server(root, workdir):
+    """aiohttp's static files (this file run as a script) serving `root`, logging the body bytes of every
+    response."""
+    port = free_port()
+    os.makedirs(workdir, exist_ok=True)
+    log = os.path.join(workdir, "access.log")
+    open(log, "w").close()
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(root), str(port), log],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait(port, proc)
+        yield f"http://127.0.0.1:{port}", log
+    finally:
+        _stop(proc, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def nginx(root, workdir):
     """nginx serving `root` at http://127.0.0.1:PORT/, logging the body bytes of every response."""
     if NGINX is None:
-        raise RuntimeError("nginx is not installed: `apt-get install nginx-light` (.ci/run does)")
+        raise RuntimeError("nginx is not installed (the nginx variants of the tests are skipped without it)")
     port = free_port()
     os.makedirs(workdir, exist_ok=True)
     log = os.path.join(workdir, "access.log")
@@ -67,15 +112,11 @@ http {{
         _wait(port, proc)
         yield f"http://127.0.0.1:{port}", log
     finally:
-        proc.send_signal(signal.SIGQUIT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc, signal.SIGQUIT)
 
 
 def bytes_sent(log: str, contains: str = "") -> int:
-    """Body bytes nginx sent for requests whose path contains `contains`."""
+    """Body bytes the server sent for requests whose path contains `contains`."""
     total = 0
     with open(log) as f:
         for line in f:
@@ -102,3 +143,35 @@ def s3(monkeypatch):
         yield env
     finally:
         server.stop()
+
+
+def _serve(root: str, port: int, log: str) -> None:
+    """A static web server as labs run one: files only (a folder is 404: no listing), Range requests, ETags and
+    HEAD (aiohttp's FileResponse), one access-log line per request."""
+    from aiohttp import web
+    from aiohttp.abc import AbstractAccessLogger
+
+    root = os.path.realpath(root)
+
+    class BodyBytes(AbstractAccessLogger):
+        # the body's length as sent (Content-Length of a 200 or 206; sendfile bypasses aiohttp's byte counters)
+        def log(self, request, response, time):
+            ok = request.method == "GET" and response.status in (200, 206)
+            sent = (response.content_length or 0) if ok else 0
+            with open(log, "a") as f:
+                f.write(f'{request.method} {request.path} {response.status} {sent} '
+                        f'"{request.headers.get("Range", "-")}"\n')
+
+    async def files(request):
+        path = os.path.realpath(os.path.join(root, request.match_info["path"]))
+        if not path.startswith(root + os.sep) or not os.path.isfile(path):
+            raise web.HTTPNotFound()
+        return web.FileResponse(path)
+
+    app = web.Application()
+    app.router.add_get("/{path:.*}", files)  # HEAD too
+    web.run_app(app, host="127.0.0.1", port=port, access_log_class=BodyBytes, print=None, handle_signals=True)
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1], int(sys.argv[2]), sys.argv[3])

@@ -13,8 +13,8 @@ import webdataset as wds
 from conftest import make_images, one_line, precompute_args, run_cli
 from PIL import Image
 
-from cskd_cache.data import open_source
-from cskd_cache.store import Cache
+from cskd_cache.data.open import open_source
+from cskd_cache.cache.store import Cache
 from cskd_cache_cli.app import app
 
 

@@ -6,12 +6,12 @@ import sys
 
 import torch
 from conftest import precompute_args, run_cli
-from test_precompute import assert_same_cache
+from conftest import assert_same_cache
 
 from cskd_cache.distributed import Dist
-from cskd_cache.precompute import PrecomputeConfig, precompute
-from cskd_cache.store import Cache
-from cskd_cache.views import Recipe
+from cskd_cache.teacher.precompute import PrecomputeConfig, precompute
+from cskd_cache.cache.store import Cache
+from cskd_cache.data.recipe import Recipe
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 

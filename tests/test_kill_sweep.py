@@ -1,6 +1,7 @@
-"""Kill sweep: SIGKILL precompute and train at random moments, resume each time with the same command; the result
-equals an uninterrupted run's, every array (plan included) and every weight. `pytest --kills 20` for the full
-sweep; CI runs a few kills per run."""
+"""Kill sweep: SIGKILL precompute (at moments its progress on disk marks: mid-plan, after k of its shards, while
+finalising) and train (at random moments), resume each time with the same command; the result equals an
+uninterrupted run's, every array (plan included) and every weight. `pytest --kills 20` for the full sweep; CI runs
+a few kills per run."""
 
 import os
 import random
@@ -11,9 +12,9 @@ import time
 
 import torch
 from conftest import make_images, precompute_args
-from test_precompute import assert_same_cache
+from conftest import assert_same_cache
 
-from cskd_cache.store import read_manifest
+from cskd_cache.cache.store import read_manifest
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # float sums depend on the thread count
 
@@ -36,23 +37,55 @@ def _kill_after(cmd, seconds: float) -> int | None:
         return None
 
 
+def _kill_when(cmd, reached) -> int | None:
+    """Start cmd, SIGKILL it as soon as `reached()` (progress it made, seen on disk) holds; its return code if it
+    finished first. No clock decides where a kill lands, so a busy machine changes nothing but the wall time."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while proc.poll() is None:
+            if reached():
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return None
+            time.sleep(0.005)
+        return proc.returncode
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _precompute_kill_points(out, kills: int, shards: int) -> list:
+    """`kills` moments a precompute passes through, in order: mid-plan (creating the cache), after k shard
+    markers for k spread over the run, and once every marker is written (finalising)."""
+    markers = out / "views" / "shard_done" / "c"
+    done = lambda: len(os.listdir(markers)) if markers.is_dir() else 0
+    points = [("mid-plan", lambda: (out / "plan" / "seed" / "c" / "5").exists())]
+    for i in range(1, kills - 1):
+        k = max(1, round(i * shards / (kills - 1)))
+        points.append((f"{k} shards", lambda k=k: done() >= k))
+    points.append(("every shard", lambda: done() >= shards))
+    return points[:max(1, kills)]
+
+
 def test_precompute_kill_sweep(tmp_path, teacher_checkpoint, request):
     kills = request.config.getoption("--kills")
     images = make_images(tmp_path / "images", per_class=8)
     ref = tmp_path / "ref.zarr"
     base = lambda out: [sys.executable, "-m", "cskd_cache", *map(str, precompute_args(
         images, out, teacher_checkpoint, "--epochs", "12", "--repeats", "1"))]
-    duration = _run(base(ref))  # start-up (imports), creation, plan, shards, finalisation
+    _run(base(ref))
+    shards = read_manifest(str(ref))["layout"]["num_shards"]  # 32 views per epoch, 8 per shard: 48
     out = tmp_path / "killed.zarr"
-    rng = random.Random(0)
-    seen = set()
-    for _ in range(kills):
-        code = _kill_after(base(out), rng.uniform(0.2, 1.0) * duration)
+    seen = []
+    for name, reached in _precompute_kill_points(out, kills, shards):
+        code = _kill_when(base(out), reached)
         m = read_manifest(str(out))
-        seen.add("finished" if code == 0 else "none" if m is None else m["status"])
+        seen.append((name, "finished" if code == 0 else "none" if m is None else m["status"]))
     assert _kill_after(base(out), 300) == 0  # the same command resumes and finishes
     assert_same_cache(out, ref)
-    assert seen - {"finished"}, "no kill landed while the run was working"
+    # every kill landed while the run was working (the last may meet it done: finalising is quick)
+    assert all(s in ("creating", "incomplete") for _, s in seen[:max(1, len(seen) - 1)]), seen
 
 
 def test_train_kill_sweep(tmp_path, teacher_checkpoint, request):

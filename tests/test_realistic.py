@@ -5,7 +5,7 @@ that is not full, fp16 class ids, spilled positions)."""
 import numpy as np
 from conftest import run_cli
 
-from cskd_cache.store import Cache
+from cskd_cache.cache.store import Cache
 
 
 def test_a_real_1000_class_cache_verifies_and_trains(tmp_path, imagenet_shards, lite0):

@@ -15,8 +15,8 @@ import torch
 import zarr
 from conftest import NUM_CLASSES, make_images, one_line, precompute_args, run_cli
 
-from cskd_cache.data import open_source
-from cskd_cache.store import Cache, read_manifest
+from cskd_cache.data.open import open_source
+from cskd_cache.cache.store import Cache, read_manifest
 
 STUDENT = "deit_tiny_distilled_patch16_224"
 
@@ -227,7 +227,7 @@ def test_val_data_is_named_as_val_data(tmp_path, image_folder):
 
 def test_a_redone_shard_keeps_no_stale_spill_and_is_flushed_before_its_marker(tmp_path, image_folder,
                                                                                teacher_checkpoint, monkeypatch):
-    from cskd_cache import write
+    from cskd_cache.cache import write
 
     out = tmp_path / "c.zarr"
     assert run_cli(*precompute_args(image_folder, out, teacher_checkpoint, "--max-shards", "1"))[0] == 0

@@ -6,6 +6,8 @@ CKF target at each position: Y = argmax_c(alpha * d_c + (1 - alpha) * g_c), alph
         Y_full bit for bit.
   topk: per position top-k dense + global top-k; lossy (absent classes share the remaining probability mass).
 All values are logits (not probabilities). Class ids are int16/int32, never float (fp16 ids break above 2048).
+This module is the interface every encoding implements, with `full` (the reference) and `topk`; `ckf` is its own
+module, and `encodings.py` makes any of them by name.
 """
 
 from __future__ import annotations
@@ -16,9 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-
-ENCODINGS = ("full", "ckf", "topk")
-
 
 def class_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.int16 if num_classes <= 32767 else np.int32)
@@ -245,34 +244,3 @@ class TopKEncoding(Encoding):
 
     def decode_fused(self, arrays, alpha):
         return fuse(self._dense(arrays), self.decode_global(arrays)[:, None, :], _check_alpha(alpha))
-
-
-def make_encoding(name: str, num_classes: int, positions: int, *, ckf_width: int = 8, topk: int = 10,
-                  global_topk: int = 10, global_width: int | None = None) -> Encoding:
-    from .ckf import CKFEncoding  # the exact encoding is its own module (and imports this one)
-
-    if name == "full":
-        return FullEncoding(num_classes, positions)
-    if name == "ckf":
-        return CKFEncoding(num_classes, positions, ckf_width=ckf_width, global_topk=global_topk,
-                           global_width=global_width)
-    if name == "topk":
-        return TopKEncoding(num_classes, positions, topk=topk, global_topk=global_topk)
-    raise ValueError(f"unknown encoding {name!r}; choose one of {', '.join(ENCODINGS)}")
-
-
-def encoding_from_description(desc: dict, num_classes: int, positions: int) -> Encoding:
-    """Inverse of Encoding.describe(), used when opening a cache (format-1 layouts included)."""
-    for key, want in (("num_classes", num_classes), ("positions", positions)):
-        if key in desc and int(desc[key]) != want:
-            raise ValueError(f"cache encoding was built for {key}={desc[key]}, not {want}")
-    from .ckf import CKFEncodingV1
-
-    arrays, params = desc.get("arrays", {}), desc.get("params", {})
-    if desc["name"] == "ckf" and "ckf_class" in arrays:  # format 1
-        return CKFEncodingV1(num_classes, positions, **params, lse="global_lse" in arrays)
-    enc = make_encoding(desc["name"], num_classes, positions, **params)
-    if desc["name"] == "topk" and "global_lse" not in arrays:  # format 1: no log-sum-exps stored
-        enc = TopKEncoding(num_classes, positions, **enc.params, lse=False)
-    return enc
-

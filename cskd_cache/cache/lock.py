@@ -17,7 +17,7 @@ import os
 import socket
 import sys
 
-from .errors import CacheError
+from ..errors import CacheError
 
 try:
     import fcntl

@@ -1,8 +1,5 @@
-"""Sharing caches: a checksum list, pulling all or some epochs, one-file export, merging.
-
-A finished cache lists every file it holds (but its root `zarr.json`, which names the list) with its sha256 in
-`SHA256SUMS` (the format `sha256sum -c` reads), and the manifest records the sha256 of that list. A mirror or a
-partial copy is checked file by file without reading Zarr, and the chain of trust starts at the manifest.
+"""Sharing caches: pulling all or some epochs, one-file export, merging; every file checked against the cache's
+checksum list (files.py).
 
 Epochs live in whole shards (format 2), so taking some epochs of a cache is copying some files unchanged: a
 partial copy (`pull --epochs`) holds byte-identical files, its manifest says `status: partial` and which epochs it
@@ -12,112 +9,18 @@ labs, other machines) copies shard files too; only the shard markers are rewritt
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import posixpath
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
-import fsspec
 from tqdm import tqdm
 
-from .errors import CacheError
-
-SUMS = "SHA256SUMS"
-_SKIP = {"zarr.json", SUMS}  # the root metadata (it names the list) and the list itself
-
-
-def url_to_fs(url: str):
-    """(filesystem, root path) for a cache path or URL; `*.zip` is read through fsspec's zip filesystem."""
-    if url.endswith(".zip") and not url.startswith("zip::"):
-        url = "zip::" + (url if "://" in url else "file://" + os.path.abspath(url))
-    try:
-        fs, root = fsspec.core.url_to_fs(url)
-    except ImportError as e:
-        raise CacheError(f"{url}: needs a package that is not installed ({str(e).splitlines()[0][:160]})") from None
-    return fs, root.rstrip("/")
-
-
-def list_files(fs, root: str) -> list[str]:
-    """Every file of a cache, relative to its root, but the root zarr.json, the list and zarr's temporary files."""
-    out = []
-    for path in fs.find(root):
-        rel = posixpath.relpath(path, root) if root else path
-        if rel not in _SKIP and not rel.endswith(".partial"):
-            out.append(rel)
-    return sorted(out)
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def write_checksums(url: str, workers: int = 8) -> dict:
-    """Hash every file of a cache into SHA256SUMS; returns the manifest entry that names the list."""
-    fs, root = url_to_fs(url)
-    files = list_files(fs, root)
-    with ThreadPoolExecutor(workers) as ex:  # hashlib and file reads release the GIL
-        sums = list(ex.map(lambda rel: _sha256(fs.cat_file(f"{root}/{rel}")), files))
-    text = "".join(f"{h}  {rel}\n" for h, rel in zip(sums, files)).encode()
-    with fs.open(f"{root}/{SUMS}.tmp", "wb") as f:
-        f.write(text)
-    fs.mv(f"{root}/{SUMS}.tmp", f"{root}/{SUMS}")
-    return {"list": SUMS, "sha256": _sha256(text), "count": len(files)}
-
-
-def read_checksums(fs, root: str, manifest: dict) -> dict[str, str]:
-    """{relative path: sha256} from a cache's list, after checking the list against its manifest."""
-    entry = manifest.get("files")
-    if not entry:
-        raise CacheError(f"{root}: this cache has no checksum list (made before it existed, or not finished); "
-                         "finish it with precompute, or copy it with your own tools")
-    try:
-        text = fs.cat_file(f"{root}/{entry['list']}")
-    except FileNotFoundError:
-        raise CacheError(f"{root}: {entry['list']} is missing") from None
-    if _sha256(text) != entry["sha256"]:
-        raise CacheError(f"{root}: {entry['list']} does not match the sha256 its manifest records; the copy is "
-                         "damaged or was tampered with")
-    out = {}
-    for line in text.decode().splitlines():
-        h, rel = line.split("  ", 1)
-        out[rel] = h
-    return out
-
-
-def _shards_of(manifest: dict, epochs) -> set[int]:
-    lay = manifest["layout"]
-    stride, sv, vpe = lay.get("epoch_stride", lay["views_per_epoch"]), lay["shard_views"], lay["views_per_epoch"]
-    out = set()
-    for e in epochs:
-        out.update(range(e * stride // sv, (e * stride + vpe - 1) // sv + 1))
-    return out
-
-
-def select(manifest: dict, files, epochs) -> list[str]:
-    """The files a copy of `epochs` (None: all) needs: all metadata and samples, and the plan chunks, shard files,
-    shard markers and spill rows of those epochs."""
-    if epochs is None:
-        return sorted(files)
-    lay = manifest["layout"]
-    if lay.get("epoch_stride", lay["views_per_epoch"]) % lay["shard_views"]:
-        raise CacheError("this cache's shards span epochs (format 1): it can only be copied whole")
-    epochs, shards = set(epochs), _shards_of(manifest, epochs)
-    out = []
-    for rel in files:
-        parts = rel.split("/")
-        if parts[0] == "views" and len(parts) > 3 and parts[2] == "c" and parts[1] != "shard_run":
-            keep = int(parts[3]) in shards
-        elif parts[0] == "plan" and len(parts) > 3 and parts[2] == "c":
-            keep = int(parts[3]) in epochs
-        elif parts[0] == "spill" and len(parts) > 1 and parts[1].startswith("s"):
-            keep = int(parts[1][1:]) in shards
-        else:
-            keep = True
-        if keep:
-            out.append(rel)
-    return out
+from ..errors import CacheError
+from . import store, write
+from .files import SUMS, _sha256, read_checksums, select, url_to_fs
+from .inspect import _ranges
+from .manifest import identity, without_epochs
 
 
 def parse_epochs(spec: str | None, total: int) -> list[int] | None:
@@ -162,10 +65,32 @@ def _partial_document(doc: dict, manifest: dict, epochs, source: str) -> dict:
     return doc
 
 
+def _held_before(dst: str, src: str, manifest: dict) -> list[int]:
+    """The epochs an earlier pull of the same cache left in `dst` (none for a new folder or an interrupted first
+    pull). Pulls add up only over the same files: a folder holding another cache, or another state of this one
+    (its list differs: the source was extended or remade since), is refused rather than mixed."""
+    if not os.path.exists(os.path.join(dst, "zarr.json")):
+        return []
+    try:
+        _, local = _root_document(*url_to_fs(dst))
+    except CacheError:
+        raise CacheError(f"{dst} holds something that is not a pull of {src}; pull into a new or empty folder") \
+            from None
+    same = (local.get("files") or {}).get("sha256") == (manifest.get("files") or {}).get("sha256")
+    if not same or local.get("status") not in ("complete", "partial"):
+        ident = lambda m: without_epochs(identity(m))
+        what = "another cache" if ident(local) != ident(manifest) else \
+            "another state of this cache (its SHA256SUMS differs: the source was extended or remade since)"
+        raise CacheError(f"{dst} holds {what}, so epochs pulled now would not add up with its epochs "
+                         f"{_ranges(_held(local))}; pull into a new folder")
+    return _held(local)
+
+
 def pull(src: str, dst: str, epochs: str | None = None, workers: int = 8, show_progress: bool = True) -> dict:
     """Copy all or some epochs of a cache (any fsspec URL, or a .zarr.zip) into a local folder, checking every
-    file against the source's list. Resumable: files already there with the right sha256 are kept. The root
-    zarr.json is written last, so an interrupted pull is never a cache that looks whole."""
+    file against the source's list. Resumable: files already there with the right sha256 are kept. Pulls add up:
+    pulling more epochs into a folder that holds some of the same cache keeps those (`epochs_held` grows). The
+    root zarr.json is written last, so an interrupted pull is never a cache that looks whole."""
     fs, root = url_to_fs(src)
     doc, manifest = _root_document(fs, root)
     if manifest.get("status") not in ("complete", "partial"):
@@ -175,9 +100,15 @@ def pull(src: str, dst: str, epochs: str | None = None, workers: int = 8, show_p
     if wanted is None and manifest.get("status") == "partial":
         wanted = _held(manifest)
     if missing:
-        raise CacheError(f"{src} holds epochs {_held(manifest)}, not {missing}")
+        raise CacheError(f"{src} holds epochs {_ranges(_held(manifest))}, not {_ranges(missing)}")
+    before = _held_before(dst, src, manifest)
     sums = read_checksums(fs, root, manifest)
     files = select(manifest, sums, wanted)
+    held = sorted(set(before) | set(wanted if wanted is not None else _held(manifest)))
+    if set(before) - set(held if wanted is None else wanted):  # epochs held before and not asked for now
+        # their files are checked by verify, as any copy's; here only that they are still there
+        kept = set(select(manifest, sums, before)) - set(files)
+        files += sorted(rel for rel in kept if not os.path.exists(os.path.join(dst, *rel.split("/"))))
     os.makedirs(dst, exist_ok=True)
     fetched = [0]
 
@@ -187,7 +118,11 @@ def pull(src: str, dst: str, epochs: str | None = None, workers: int = 8, show_p
             with open(path, "rb") as f:
                 if _sha256(f.read()) == sums[rel]:
                     return
-        data = fs.cat_file(f"{root}/{rel}")
+        try:
+            data = fs.cat_file(f"{root}/{rel}")
+        except FileNotFoundError:
+            raise CacheError(f"{src}/{rel}: missing, though its list names it; the source is damaged there") \
+                from None
         if _sha256(data) != sums[rel]:
             raise CacheError(f"{src}/{rel}: its sha256 does not match the list; the source is damaged there")
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -201,11 +136,12 @@ def pull(src: str, dst: str, epochs: str | None = None, workers: int = 8, show_p
                   disable=None if show_progress else True))
     with open(os.path.join(dst, SUMS), "wb") as f:
         f.write(fs.cat_file(f"{root}/{manifest['files']['list']}"))
-    out_doc = _partial_document(doc, manifest, wanted, src)
+    out_doc = _partial_document(doc, manifest, held, src)
     with open(os.path.join(dst, "zarr.json.tmp"), "w") as f:
         json.dump(out_doc, f)
     os.replace(os.path.join(dst, "zarr.json.tmp"), os.path.join(dst, "zarr.json"))
-    return {"files": len(files), "bytes_fetched": fetched[0], "epochs": wanted or _held(manifest)}
+    return {"files": len(files), "bytes_fetched": fetched[0], "epochs": held,
+            "added": sorted(set(held) - set(before)), "held_before": before}
 
 
 def export(src: str, zip_path: str, epochs: str | None = None, show_progress: bool = True) -> dict:
@@ -234,30 +170,10 @@ def export(src: str, zip_path: str, epochs: str | None = None, show_progress: bo
     return {"files": len(files) + 2, "bytes": os.path.getsize(zip_path)}
 
 
-def check_files(url: str, manifest: dict) -> list[str]:
-    """Problems found by hashing every file the cache should hold against its list (a partial copy: the files of
-    the epochs it holds)."""
-    fs, root = url_to_fs(url)
-    sums = read_checksums(fs, root, manifest)
-    held = manifest.get("epochs_held") if manifest.get("status") == "partial" else None
-    problems = []
-    for rel in select(manifest, sums, held):
-        try:
-            data = fs.cat_file(f"{root}/{rel}")
-        except FileNotFoundError:
-            problems.append(f"{rel}: missing (listed in {SUMS})")
-            continue
-        if _sha256(data) != sums[rel]:
-            problems.append(f"{rel}: sha256 differs from {SUMS}")
-    return problems
-
-
 def merge(sources: list[str], out: str, show_progress: bool = True) -> dict:
     """One cache from caches of the same plan whose epochs were computed apart (other labs or machines; e.g.
     `precompute --epochs 30 --only-epochs 15-29`). The first source is copied whole, the others' epochs are
     copied shard file by shard file, and the result is complete when every epoch is held (else partial)."""
-    from . import store, write
-
     if len(sources) < 2:
         raise CacheError("merge needs at least two caches")
     if os.path.exists(out):

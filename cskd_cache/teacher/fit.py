@@ -21,10 +21,11 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
-from .data import LabeledImages, open_source
-from .errors import CacheError
-from .teacher import TEACHER_ALIASES, require_hub
-from .views import model_normalization
+from ..data.open import open_source
+from ..data.recipe import model_normalization
+from ..data.source import LabeledImages
+from ..errors import CacheError
+from .model import TEACHER_ALIASES, file_sha256, require_hub
 
 
 @dataclass
@@ -33,6 +34,7 @@ class FitTeacherConfig:
     out: str  # .safetensors or .pth (weights only)
     teacher: str = "regnety_160"
     pretrained: bool = True  # start from timm's weights and replace the classifier (fine-tuning)
+    init_checkpoint: str | None = None  # start from these local weights instead (offline fine-tuning)
     val_data: str | None = None
     epochs: int = 10
     batch_size: int = 64
@@ -63,6 +65,39 @@ def _save_weights(model: torch.nn.Module, path: str) -> None:
     os.replace(tmp, path)  # the weights file exists only once it is whole
 
 
+def fit_settings(cfg: FitTeacherConfig) -> dict:
+    """What the fitted weights depend on (not where they are computed); a resume, or a reuse, must match it."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("workers", "device")}
+    if cfg.init_checkpoint:  # the weights it starts from, not where they lie
+        settings["init_checkpoint"] = file_sha256(cfg.init_checkpoint)
+    return json.loads(json.dumps(settings))
+
+
+def load_init(model: torch.nn.Module, name: str, path: str) -> None:
+    """Local weights into `model` (weights-only), the classifier excepted when its shape differs from the
+    dataset's: then it keeps its fresh initialisation, as timm does with hub weights and another class count.
+    Every other tensor must fit, or the file is for another architecture."""
+    if not os.path.isfile(path):
+        raise CacheError(f"--init-checkpoint: no such file: {path}")
+    try:
+        state = timm.models.load_state_dict(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure here is the file's fault, say which
+        raise CacheError(f"--init-checkpoint {path}: not a readable weights file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]})") from None
+    own = model.state_dict()
+    head = timm.models.get_pretrained_cfg_value(name, "classifier") or "fc"
+    heads = {f"{head}.weight", f"{head}.bias"} & set(own)  # may be absent (a backbone-only file) or replaced
+    if any(k in state and state[k].shape != own[k].shape for k in heads):
+        state = {k: v for k, v in state.items() if k not in heads}
+    missing, unexpected = set(own) - set(state), set(state) - set(own)
+    wrong = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    if unexpected or wrong or missing - heads:
+        what = sorted(unexpected)[:2] + sorted(wrong)[:2] + sorted(missing - heads)[:2]
+        raise CacheError(f"--init-checkpoint {path}: does not fit --teacher {name} ({len(unexpected)} unexpected, "
+                         f"{len(wrong)} mis-shaped, {len(missing - heads)} missing tensors, e.g. {', '.join(what)})")
+    model.load_state_dict(state, strict=False)
+
+
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, loader, device: torch.device) -> float:
     model.eval()
@@ -85,13 +120,18 @@ def fit_teacher(cfg: FitTeacherConfig) -> dict:
     source = open_source(cfg.data)
     num_classes = len(source.classes)
     torch.manual_seed(cfg.seed)
-    if cfg.pretrained:
-        require_hub()
+    hub = cfg.pretrained and not cfg.init_checkpoint
+    if hub:
+        require_hub(instead="--init-checkpoint PATH (local weights to fine-tune) or --no-pretrained")
     try:
-        model = timm.create_model(name, pretrained=cfg.pretrained, num_classes=num_classes).to(device)
+        model = timm.create_model(name, pretrained=hub, num_classes=num_classes)
     except (OSError, RuntimeError, ValueError) as e:
         raise CacheError(f"--teacher {name}: cannot get pretrained weights ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]}); pass --no-pretrained to train from scratch") from None
+                         f"{str(e).splitlines()[0][:200]}); pass --init-checkpoint PATH (local weights) or "
+                         "--no-pretrained to train from scratch") from None
+    if cfg.init_checkpoint:
+        load_init(model, name, cfg.init_checkpoint)
+    model = model.to(device)
     # the model's own normalisation, which is what precompute feeds it (views are renormalised to it)
     mean, std = model_normalization(model)
     train_tf = create_transform(cfg.input_size, is_training=True, scale=cfg.scale, hflip=cfg.hflip,
@@ -111,7 +151,7 @@ def fit_teacher(cfg: FitTeacherConfig) -> dict:
     scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs, warmup_t=cfg.warmup_epochs, warmup_lr_init=1e-6)
 
     state_path, start, history = cfg.out + ".state.pth", 0, []
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("workers", "device")}
+    settings = fit_settings(cfg)
     if os.path.exists(state_path):
         try:  # weights-only: a state file is data, never code, whoever left it there
             state = torch.load(state_path, map_location=device, weights_only=True)

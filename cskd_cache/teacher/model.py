@@ -18,8 +18,8 @@ import torch.nn as nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .errors import CacheError
-from .views import Renormalize, model_normalization
+from ..data.recipe import Renormalize, model_normalization
+from ..errors import CacheError
 
 # DeiT's (and CSKD's) teacher. timm's bare `regnety_160` resolves to other (in12k) weights, so name it exactly.
 TEACHER_ALIASES = {"regnety_160": "regnety_160.deit_in1k"}
@@ -118,10 +118,10 @@ def _classifier_width(name: str, state: dict) -> int | None:
     return int(w.shape[0]) if w is not None else None
 
 
-def require_hub(flag: str = "--pretrained", recorded: str | None = None,
-                instead: str = "--teacher-checkpoint PATH") -> None:
+def require_hub(flag: str | None = None, recorded: str | None = None, instead: str | None = None) -> None:
     """Fail in seconds, not after a minute of retries, when the Hugging Face hub cannot be reached (unless the
-    user asked for offline mode, where timm reads the local hub cache)."""
+    user asked for offline mode, where timm reads the local hub cache). `flag` and `instead` are the caller's to
+    name: what asked for the hub, and what the user passes instead (it must be a flag of the caller's command)."""
     import socket
     from urllib.parse import urlparse
 
@@ -133,8 +133,10 @@ def require_hub(flag: str = "--pretrained", recorded: str | None = None,
         socket.create_connection((url.hostname, port), timeout=float(os.environ.get("CSKD_HUB_TIMEOUT", "3"))).close()
     except OSError as e:
         hint = f" (the cache was made with {recorded})" if recorded else ""
-        raise CacheError(f"{flag}: the Hugging Face hub ({url.hostname}) cannot be reached ({e.strerror or e}); "
-                         f"download the weights elsewhere and pass {instead}{hint}") from None
+        what = f"download the weights elsewhere and pass {instead}" if instead else \
+            "connect to it, or set HF_HUB_OFFLINE=1 if the weights are in the local hub cache"
+        raise CacheError(f"{flag + ': ' if flag else ''}the Hugging Face hub ({url.hostname}) cannot be reached "
+                         f"({e.strerror or e}) for pretrained weights; {what}{hint}") from None
 
 
 def create_teacher(name: str, *, pretrained: bool = False, checkpoint: str | None = None,
@@ -142,14 +144,15 @@ def create_teacher(name: str, *, pretrained: bool = False, checkpoint: str | Non
                    precision: str = "fp32", recorded: str | None = None) -> tuple[DenseTeacher, dict]:
     """Any timm CNN by name; weights from the hub (`pretrained`) or a local .pth/.safetensors file (weights only).
     view_mean/std: the recipe's normalisation of the views it will see; precision: fp32 | fp16 | bf16."""
+    # precompute, verify and train call this: its messages name only flags all three have (tests/test_messages.py)
     if not pretrained and not checkpoint:
-        raise CacheError("no teacher weights: pass --pretrained (timm / Hugging Face hub) or "
-                         "--teacher-checkpoint PATH (.pth or .safetensors)")
+        raise CacheError("no teacher weights: give --teacher-checkpoint PATH (.pth or .safetensors), or take "
+                         "timm's from the Hugging Face hub (precompute --pretrained, verify --pretrained)")
     name = TEACHER_ALIASES.get(name, name)
     if checkpoint and not os.path.isfile(checkpoint):
         raise CacheError(f"--teacher-checkpoint: no such file: {checkpoint}")
     if not timm.is_model(name) and not timm.list_models(name):
-        raise CacheError(f"--teacher: unknown timm model {name!r} (see timm.list_models())")
+        raise CacheError(f"teacher {name!r}: unknown timm model (see timm.list_models())")
     state = None
     if checkpoint:
         try:
@@ -161,11 +164,11 @@ def create_teacher(name: str, *, pretrained: bool = False, checkpoint: str | Non
         num_classes = num_classes or _classifier_width(name, state)
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if pretrained and not checkpoint:
-        require_hub("--pretrained", recorded)
+        require_hub(f"teacher {name}", recorded, instead="--teacher-checkpoint PATH")
     try:
         model = timm.create_model(name, pretrained=pretrained and not checkpoint, **kwargs)
     except (OSError, RuntimeError, ValueError) as e:  # hub unreachable, no such weights, ...
-        raise CacheError(f"--teacher {name}: cannot get pretrained weights ({type(e).__name__}: "
+        raise CacheError(f"teacher {name}: cannot get pretrained weights ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200]}); download them elsewhere and pass "
                          "--teacher-checkpoint PATH") from None
     if state is not None:

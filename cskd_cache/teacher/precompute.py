@@ -17,15 +17,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import store, write
-from .data import content_hash, find_bad_images, open_source
-from .distributed import Dist, init_distributed
-from .encodings import ENCODINGS, make_encoding
-from .errors import CacheError
-from .lock import WriterLock
-from .share import parse_epochs
-from .teacher import create_teacher, resolve_precision
-from .views import PairDataset, Recipe, collate_pairs, pair_items
+from ..cache import store, write
+from ..cache.encodings import ENCODINGS, make_encoding
+from ..cache.lock import WriterLock
+from ..cache.share import parse_epochs
+from ..data.matching import content_hash
+from ..data.open import open_source
+from ..data.recipe import Recipe
+from ..data.replay import PairDataset, collate_pairs, pair_items
+from ..data.source import find_bad_images
+from ..distributed import Dist, init_distributed
+from ..errors import CacheError
+from .model import create_teacher, resolve_precision
 
 
 @dataclass

@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import torch
 
-from .data import match_samples, open_source
-from .encodings import Encoding
+from ..cache.encoding import Encoding
+from ..cache.store import Cache, to_torch
+from ..data.matching import match_samples
+from ..data.open import open_source
+from ..data.order import epoch_views
+from ..data.recipe import Recipe
+from ..data.replay import PairDataset
+from ..errors import CacheError
 from .engine import TeacherTargets
-from .errors import CacheError
 from .loader import RankBatches, epoch_loader
 from .losses import CSKDLoss, mixup_target
-from .order import epoch_views
-from .store import Cache, to_torch
 from .student import CSKDStudent, create_student
-from .views import PairDataset, Recipe
 
 
 class CachedViews:

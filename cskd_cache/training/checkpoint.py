@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 import torch
 
-from .errors import CacheError
+from ..errors import CacheError
 
 
 # Flags that may change between a run and its --resume: they do not alter what is computed (data, cache and the

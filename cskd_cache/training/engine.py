@@ -12,8 +12,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from .encodings import Encoding
-from .errors import CacheError
+from ..cache.encoding import Encoding
+from ..errors import CacheError
 from .losses import CSKDLoss, mixup_target
 
 

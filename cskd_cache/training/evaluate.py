@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from .data import LabeledImages, open_source
-from .errors import CacheError
+from ..data.open import open_source
+from ..data.recipe import Recipe, build_eval_transform
+from ..data.source import LabeledImages
+from ..errors import CacheError
 from .student import create_student
-from .views import Recipe, build_eval_transform
 
 HEADS = ("cls", "dist", "dense", "cskd")
 

@@ -14,8 +14,10 @@ import os
 import numpy as np
 import torch
 
-from .store import Cache, to_torch
-from .views import PairDataset, collate_pairs, pair_items, replay_matches, replay_tolerance, signature_distance
+from ..cache.store import Cache, to_torch
+from ..data.fingerprint import replay_matches, replay_tolerance, signature_distance
+from ..data.recipe import library_drift
+from ..data.replay import PairDataset, collate_pairs, pair_items
 
 
 class CachedOutputs:
@@ -96,15 +98,6 @@ class RankBatches:
         for s in range(len(self)):
             a = s * self.gb + self.rank * self.batch
             yield pair_items(self.plan, self.views[a: a + self.batch], self.stride)
-
-
-def library_drift(manifest: dict) -> str:
-    """The libraries whose version differs from the ones the cache was made with, for drift messages."""
-    from .views import library_versions
-
-    then, now = manifest["recipe"].get("library_versions", {}), library_versions()
-    diff = [f"{k} {then[k]} then, {now.get(k)} now" for k in sorted(then) if then[k] != now.get(k)]
-    return f"; {', '.join(diff)}" if diff else "; the same library versions as now"
 
 
 def epoch_loader(dataset: PairDataset, batches: RankBatches, cache_url: str | None, workers: int,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import CacheError
+from ..errors import CacheError
 
 ALPHA_SCHEDULES = ("linear", "x2", "cos", "local")
 DISTILL_TYPES = ("hard", "soft")

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .errors import CacheError
-from .views import Renormalize, model_normalization
+from ..data.recipe import Renormalize, model_normalization
+from ..errors import CacheError
 
 # Short names for the three DeiT sizes of the paper; all three must carry a distillation token.
 STUDENT_ALIASES = {
@@ -116,6 +116,11 @@ def create_student(name: str, num_classes: int, img_size: int, teacher_grid: tup
                          "or a timm model name")
     if kwargs and pretrained:
         raise CacheError(f"student {name!r} is a resized architecture with no pretrained weights")
-    model = timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, img_size=img_size,
-                              drop_path_rate=drop_path, **kwargs)
+    try:
+        model = timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, img_size=img_size,
+                                  drop_path_rate=drop_path, **kwargs)
+    except TypeError as e:  # a CNN (resnet18, ...) takes no img_size: not a ViT at all
+        raise CacheError(f"student {name!r} is not a ViT with a distillation token ({str(e).splitlines()[0][:120]});"
+                         f" use one of {sorted(STUDENT_ALIASES) + sorted(STUDENT_VARIANTS)} or a timm *_distilled_* "
+                         "DeiT") from None
     return CSKDStudent(model, teacher_grid, view_mean, view_std)

@@ -20,18 +20,19 @@ import torch
 from timm.task import DistillationTeacher, TrainingTask
 from torch import nn
 
-from .encodings import Encoding, make_encoding
+from ..cache.encoding import Encoding
+from ..cache.encodings import make_encoding
+from ..cache.store import Cache
+from ..errors import CacheError
+from ..teacher.model import (TEACHER_ALIASES, DenseTeacher, create_teacher, require_hub, resolve_precision,
+                             state_dict_sha256)
 from .engine import TeacherTargets
-from .errors import CacheError
 from .losses import CSKDLoss, alpha_at
 from .student import CSKDStudent
-from .teacher import TEACHER_ALIASES, DenseTeacher, require_hub, resolve_precision, state_dict_sha256
 
 
 def _open_cache(cache):
     """A Cache from a Cache, a CachedViews or a path/URL."""
-    from .store import Cache
-
     if cache is None or isinstance(cache, Cache):
         return cache
     if hasattr(cache, "cache") and isinstance(cache.cache, Cache):  # CachedViews
@@ -46,8 +47,6 @@ def _teacher_model(teacher, num_classes: int, pretrained_path: str | None, overl
     if isinstance(teacher, DistillationTeacher):
         teacher = teacher.model
     if isinstance(teacher, str):
-        from .teacher import create_teacher
-
         if pretrained_path:
             teacher = create_teacher(teacher, checkpoint=pretrained_path)[0].model
         else:

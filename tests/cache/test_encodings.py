@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from cskd_cache.ckf import CKFEncoding, ckf_candidates
-from cskd_cache.encodings import (ENCODINGS, ArraySpec, class_dtype, encoding_from_description, fuse,
-                                  make_encoding)
+from cskd_cache.cache.ckf import CKFEncoding, ckf_candidates
+from cskd_cache.cache.encoding import ArraySpec, class_dtype, fuse
+from cskd_cache.cache.encodings import ENCODINGS, encoding_from_description, make_encoding
 
 classes = CKFEncoding.slot_classes  # each candidate slot's class id, -1 where empty
 

@@ -7,8 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_encodings import assert_exact
 
-from cskd_cache.order import epoch_views
-from cskd_cache.plan import PlanParams, _partner_order, make_epoch_plan
+from cskd_cache.data.order import epoch_views
+from cskd_cache.data.plan import PlanParams, _partner_order, make_epoch_plan
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

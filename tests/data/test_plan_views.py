@@ -5,8 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cskd_cache.plan import MODE_CUTMIX, MODE_MIXUP, MODE_NONE, PlanParams, make_epoch_plan
-from cskd_cache.views import Recipe, augment, build_transform, fingerprint, mix_pair, replay_pair
+from cskd_cache.data.plan import MODE_CUTMIX, MODE_MIXUP, MODE_NONE, PlanParams, make_epoch_plan
+from cskd_cache.data.fingerprint import fingerprint
+from cskd_cache.data.recipe import Recipe, build_transform
+from cskd_cache.data.replay import augment, mix_pair, replay_pair
 
 
 def test_plan_is_deterministic_and_epochs_differ():
@@ -124,7 +126,7 @@ def test_repeats_get_their_own_partners(n):
 
 def test_repeats_one_plan_is_unchanged():
     """Without repeats the plan is what format-1 caches hold: pairing k with k (no partner reordering)."""
-    from cskd_cache.plan import _partner_order
+    from cskd_cache.data.plan import _partner_order
 
     assert np.array_equal(_partner_order(51, 1), np.arange(51))
     e = make_epoch_plan(PlanParams(num_samples=40, epochs=1, seed=0), 0)
@@ -136,7 +138,7 @@ def test_repeats_one_plan_is_unchanged():
 def test_epoch_order_reaches_every_view_and_cycles_differ():
     """A cache cycled over training: cycle 0 is plan order; later cycles visit chunk-sized blocks of pairs in a
     new order, so the dropped tail differs and batches are not the previous cycle's."""
-    from cskd_cache.order import epoch_views, reuse_factor
+    from cskd_cache.data.order import epoch_views, reuse_factor
 
     vpe, gb, block = 100, 16, 8
     steps = vpe // gb  # 6 steps: 4 views of each epoch are dropped

@@ -10,9 +10,10 @@ from conftest import precompute_args
 from PIL import Image
 from typer.testing import CliRunner
 
-import cskd_cache.views as views
-from cskd_cache.data import open_source
-from cskd_cache.store import Cache
+import cskd_cache.data.recipe as views
+from cskd_cache.data.replay import augment
+from cskd_cache.data.open import open_source
+from cskd_cache.cache.store import Cache
 from cskd_cache_cli.app import app
 
 runner = CliRunner()
@@ -53,13 +54,13 @@ def test_default_recipe_replays_thousands_of_real_photo_views(real_photos, monke
     images = [source.load(i) for i in range(len(source))]
     first = {}
     for seed in range(4000):
-        x = views.augment(transform, images[seed % len(images)], seed)
+        x = augment(transform, images[seed % len(images)], seed)
         assert x.shape == (3, 32, 32) and torch.isfinite(x).all()
         if seed % 97 == 0:
             first[seed] = x
     assert zero_bits, "the 0-bit posterize never came up: the test no longer covers the crash"
     for seed, x in first.items():  # replay is exact
-        assert torch.equal(views.augment(transform, images[seed % len(images)], seed), x)
+        assert torch.equal(augment(transform, images[seed % len(images)], seed), x)
 
 
 def test_precompute_and_train_with_the_full_default_recipe_on_real_photos(tmp_path, real_photos, teacher_checkpoint):

@@ -12,8 +12,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from cskd_cache.data import ImageFolderSource, find_bad_images, open_source
-from cskd_cache.wds import WebDatasetSource
+from cskd_cache.data.folder import ImageFolderSource
+from cskd_cache.data.open import open_source
+from cskd_cache.data.source import find_bad_images
+from cskd_cache.data.webdataset import WebDatasetSource
 from cskd_cache.errors import BadImageError, DataError
 
 CLASSES = ["cat", "dog", "eel"]

@@ -1,6 +1,9 @@
 """`cskd-cache fit-teacher` and `cskd-cache demo`, from the command line, at a tiny size."""
 
 import json
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,7 +11,7 @@ import torch
 from conftest import NUM_CLASSES, TEACHER, precompute_args, run_cli
 from PIL import Image
 
-from cskd_cache.scenes import make_scenes, write_scene_shards
+from cskd_cache.demo.scenes import make_scenes, write_scene_shards
 
 
 
@@ -65,42 +68,43 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     with Image.open(out / "accuracy.png") as img:
         assert img.format == "PNG" and img.size[0] > 100
     # the three runs saw the same views and the same initial weights; only the teacher's part differs
-    runs = {name: torch.load(out / "runs" / name / "checkpoint.pth", weights_only=False) for name in
+    runs = {name: torch.load(out / "runs" / name / "checkpoint.pth", weights_only=True) for name in
             ("no", "deit", "cskd")}
     assert "train_cskd" in runs["cskd"]["history"][0] and "train_cskd" not in runs["deit"]["history"][0]
     assert "train_distill" not in runs["no"]["history"][0]
-    # a second run reuses every finished stage and reports the same accuracies
-    code, text = run_cli(*args)
-    assert code == 0, text
+    # a second run reuses every finished stage (the cache too) and reports the same accuracies
+    cache_files = {p: p.stat().st_mtime_ns for p in (out / "teacher-cache.zarr").rglob("*") if p.is_file()}
+    code, printed = run_cli(*args)
+    assert code == 0, printed
     again = json.loads((out / "results.json").read_text())
     assert again["runs"] == results["runs"] and again["seconds"]["fit-teacher"] < results["seconds"]["fit-teacher"]
+    assert {p: p.stat().st_mtime_ns for p in cache_files} == cache_files
+    # the settings are the folder's identity: other settings there are refused before anything is touched, in a
+    # message that names only flags `demo` has
+    weights = (out / "teacher.safetensors").stat().st_mtime_ns
+    code, text = run_cli(*[a if a != "64" else "48" for a in args])  # --train-scenes 48
+    assert code == 2 and len(text.strip().splitlines()) == 1, text
+    assert "--train-scenes 64, not 48" in text and f"--out {out}-small" in text
+    assert set(re.findall(r"--[a-z-]+", text)) <= demo_flags()
+    assert (out / "teacher.safetensors").stat().st_mtime_ns == weights
+    # the README's table comes from a command: the same table the demo printed, and the machine it ran on
+    block = subprocess.run([sys.executable, "-m", "cskd_cache.demo.demo", str(out / "results.json")],
+                           capture_output=True, text=True, check=True).stdout
+    assert block.startswith("| student (same views, same steps) |") and results["machine"]["cpu"] in block
+    assert block.split("\n\n`cskd-cache demo")[0] in printed  # what the demo printed, table for table
 
 
-def test_experiment_quick_runs_every_arm_and_resumes(tmp_path):
-    """`cskd-cache experiment --quick`: every kind of arm at a tiny size; ckf and full train to the same weights;
-    tables, JSON and plots are written; a second run reuses everything."""
-    out = tmp_path / "exp"
-    code, text = run_cli("experiment", "--quick", "--out", out)
-    assert code == 0, text
-    results = json.loads((out / "results.json").read_text())
-    assert results["ckf_equals_full"] is True
-    t = results["teacher_dense_vs_global"]
-    assert t["positions"] == 96 * 4 and 0 <= t["agree"] <= 1 and 0 < t["top_prob_agree"] <= 1  # 2x2 grid
-    assert 0 <= results["topk_target_mismatch"] <= 1
-    assert all(r["seconds"] > 0 for r in results["runs"].values())
-    s = results["summary"]
-    assert set(s["main"]) == {"no distillation", "DeiT hard distillation", "CSKD"}
-    assert s["main"]["CSKD"]["best"]["n"] == 2 and set(s["alpha"]) == {"linear", "local"}
-    assert set(s["encoding"]) == {"ckf", "full", "topk"} and set(map(int, s["cached_epochs"]["CSKD"])) == {1, 2}
-    for png in ("accuracy_per_epoch.png", "accuracy_vs_cached_epochs.png"):
-        with Image.open(out / png) as img:
-            assert img.format == "PNG"
-    assert "best top-1 % (mean +- std)" in (out / "results.md").read_text()
-    code, text = run_cli("experiment", "--quick", "--out", out)
-    assert code == 0, text
-    again = json.loads((out / "results.json").read_text())
-    assert {k: v["best_top1"] for k, v in again["runs"].items()} == {k: v["best_top1"] for k, v in
-                                                                     results["runs"].items()}
-    # a reused run reports its own epochs' time, not the seconds it took to find it finished
-    assert {k: v["seconds"] for k, v in again["runs"].items()} == {k: v["seconds"] for k, v in results["runs"].items()}
-    assert "has trained all 2 epochs already" in text
+def demo_flags() -> set:
+    from typer.main import get_command
+
+    from cskd_cache_cli.app import app
+
+    command = get_command(app).commands["demo"]
+    return {o for p in command.params for o in p.opts if o.startswith("--")}
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "other.txt").write_text("someone's")
+    code, text = run_cli("demo", "--out", tmp_path, "--train-scenes", "8")
+    assert code == 2 and "holds no demo.json" in text and len(text.strip().splitlines()) == 1
+    assert set(re.findall(r"--[a-z-]+", text)) <= demo_flags() and (tmp_path / "other.txt").exists()

@@ -13,35 +13,16 @@ import pytest
 import torch
 import webdataset as wds
 import zarr
-from conftest import NUM_CLASSES, make_images, precompute_args, run_cli
+from conftest import all_arrays, assert_same_cache, NUM_CLASSES, make_images, precompute_args, run_cli
 from typer.testing import CliRunner
 
 from cskd_cache_cli.app import app
-from cskd_cache.data import open_source
-from cskd_cache.store import Cache
-from cskd_cache.teacher import create_teacher
-from cskd_cache.views import PairDataset, pair_items
+from cskd_cache.data.open import open_source
+from cskd_cache.cache.store import Cache
+from cskd_cache.teacher.model import create_teacher
+from cskd_cache.data.replay import PairDataset, pair_items
 
 runner = CliRunner()
-
-
-def all_arrays(url) -> dict:
-    group = zarr.open_group(str(url), mode="r")
-    out = {}
-    for path in ("samples", "plan", "views"):
-        for name, arr in group[path].arrays():
-            out[f"{path}/{name}"] = np.asarray(arr[...])
-    return out
-
-
-def assert_same_cache(a, b):
-    """Every array equal, but the shard markers, which hold each cache's own run id: both must be complete."""
-    x, y = all_arrays(a), all_arrays(b)
-    assert x.keys() == y.keys()
-    for k in x:
-        if k not in ("views/shard_done", "views/shard_run"):
-            assert np.array_equal(x[k], y[k], equal_nan=x[k].dtype.kind == "f"), k
-    assert Cache.open(str(a)).complete and Cache.open(str(b)).complete
 
 
 def test_precompute_inspect_verify(tmp_path, image_folder, teacher_checkpoint):
@@ -240,7 +221,7 @@ def test_full_disk_is_a_clear_error_and_leaves_an_incomplete_cache(tmp_path, ima
                                                                     monkeypatch):
     import errno
 
-    from cskd_cache import write
+    from cskd_cache.cache import write
 
     real = write.write_shard
     calls = {"n": 0}
@@ -292,7 +273,7 @@ def test_crash_while_writing_the_plan_never_gives_a_usable_cache(tmp_path, image
                                                                  monkeypatch):
     """The reproduced bug: a crash while the plan epochs were written left a cache that resumed to 'complete'
     with all-zero plans. Now the cache says 'creating' until its plan is whole, and the next run starts over."""
-    from cskd_cache import write
+    from cskd_cache.cache import write
 
     real, calls = write.write_epoch_plan, {"n": 0}
 

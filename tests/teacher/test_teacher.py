@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from cskd_cache.errors import CacheError
-from cskd_cache.teacher import DenseTeacher, create_teacher
+from cskd_cache.teacher.model import DenseTeacher, create_teacher
 
 
 def test_dense_is_classifier_at_every_position_and_global_is_model_output():
@@ -91,8 +91,9 @@ def test_each_model_sees_the_views_pixels_in_its_own_units():
     import skimage.data
     from PIL import Image
 
-    from cskd_cache.student import create_student
-    from cskd_cache.views import Recipe, augment, build_transform, mix_pair
+    from cskd_cache.training.student import create_student
+    from cskd_cache.data.recipe import Recipe, build_transform
+    from cskd_cache.data.replay import augment, mix_pair
 
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=3).eval()
@@ -122,7 +123,7 @@ def test_each_model_sees_the_views_pixels_in_its_own_units():
 
 
 def test_precision_is_a_choice_and_recorded(tmp_path, teacher_checkpoint):
-    from cskd_cache.teacher import resolve_precision
+    from cskd_cache.teacher.model import resolve_precision
 
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision(None, torch.device("cuda")) == "fp16"  # the official code's teacher autocast

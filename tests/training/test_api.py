@@ -14,9 +14,9 @@ import torch
 import yaml
 from conftest import one_line, precompute_args, run_cli
 
-from cskd_cache.store import Cache
+from cskd_cache.cache.store import Cache
 
-ROOT = os.path.dirname(os.path.dirname(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STUDENT = "deit_tiny_distilled_patch16_224"
 
 
@@ -177,7 +177,7 @@ def test_one_epoch_reads_its_plan_once(image_folder, cache, monkeypatch):
     """The sampler asks for the plan once per pair; at ImageNet size a read plus the check's regeneration costs
     0.6 s, so it must happen once per epoch, not once per pair."""
     from cskd_cache import CachedViews
-    from cskd_cache import store
+    from cskd_cache.cache import store
 
     reads = []
     real = store.Cache.stored_plan
@@ -198,7 +198,7 @@ def test_the_timm_task_keeps_its_teacher_right(tmp_path, image_folder, teacher_c
     from safetensors.torch import save_file
 
     from cskd_cache import CachedViews, CSKDTask
-    from cskd_cache.teacher import DenseTeacher
+    from cskd_cache.teacher.model import DenseTeacher
 
     views = CachedViews(str(cache), str(image_folder), batch_size=8)
     batch = next(iter(views.loader(workers=0)))

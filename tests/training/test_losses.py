@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from timm.data.mixup import mixup_target as timm_mixup_target
 
 from cskd_cache.errors import CacheError
-from cskd_cache.losses import ALPHA_SCHEDULES, CSKDLoss, alpha_at, ckf_alpha, mixup_target
+from cskd_cache.training.losses import ALPHA_SCHEDULES, CSKDLoss, alpha_at, ckf_alpha, mixup_target
 
 B, K, h, w = 4, 6, 2, 3
 
@@ -180,7 +180,7 @@ def test_student_end_to_end_backward():
     """Loss on a real tiny student: gradients reach both heads and both tokens."""
     import timm
 
-    from cskd_cache.student import CSKDStudent
+    from cskd_cache.training.student import CSKDStudent
 
     torch.manual_seed(0)
     s = CSKDStudent(timm.create_model("deit_tiny_distilled_patch16_224", num_classes=K, img_size=64, depth=2), (2, 2))
@@ -199,7 +199,7 @@ def test_soft_ckf_is_the_official_formula(T, alpha):
     space, per position), then sum over batch, classes and positions of p_t * (log p_t - log p_s) at temperature T,
     times T^2, divided by the batch size. Our path: the teacher's logits through the `full` encoding (fp16 dense,
     fp32 global, as cached), fused by decode_fused, into CSKDLoss.spatial_soft."""
-    from cskd_cache.encodings import make_encoding
+    from cskd_cache.cache.encodings import make_encoding
 
     g = torch.Generator().manual_seed(7)
     student = torch.randn(B, K, h, w, generator=g)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from cskd_cache.errors import CacheError
-from cskd_cache.student import STUDENT_ALIASES, CSKDStudent, create_student
+from cskd_cache.training.student import STUDENT_ALIASES, CSKDStudent, create_student
 
 K = 5
 TIMM_NAME = "deit_tiny_distilled_patch16_224"

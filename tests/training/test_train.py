@@ -12,7 +12,8 @@ from PIL import Image
 from conftest import precompute_args, run_cli
 
 
-STUDENT = "deit_tiny_distilled_patch16_224"  # at 64 px: a 4x4 patch grid, pooled to the teacher's 2x2
+STUDENT = "deit_tiny_distilled_patch16_224"
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # at 64 px: a 4x4 patch grid, pooled to the teacher's 2x2
 
 
 @pytest.fixture
@@ -146,7 +147,7 @@ def test_torchrun_two_processes_train_like_one(tmp_path, image_folder, cache):
 def test_weight_decay_spares_pos_embed_and_tokens(tmp_path, image_folder):
     """DeiT and the official code do not decay pos_embed, cls_token and dist_token (nor biases and norms)."""
     from cskd_cache.distributed import Dist
-    from cskd_cache.train import TrainConfig, setup
+    from cskd_cache.training.train import TrainConfig, setup
 
     run = setup(TrainConfig(student=STUDENT, data=str(image_folder), out=str(tmp_path / "r"), teacher_source="none",
                             input_size=64, epochs=1, batch_size=8, workers=0), Dist())
@@ -172,7 +173,7 @@ def test_every_teacher_source_trains_under_torchrun(tmp_path, image_folder, teac
                  teacher_checkpoint=str(teacher_checkpoint)),
             dict(base, out=str(tmp_path / "none"), teacher_source="none", input_size=64)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    probe = os.path.join(os.path.dirname(__file__), "ddp_probe.py")
+    probe = os.path.join(TESTS, "ddp_probe.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29521", probe,
            json.dumps(cfgs)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -247,10 +248,10 @@ def test_format_1_caches_stay_readable(tmp_path, encoding):
     trained from; absent classes decode by the old rule."""
     from conftest import make_images
 
-    from cskd_cache.store import Cache
+    from cskd_cache.cache.store import Cache
 
     images = make_images(tmp_path / "images", per_class=4)  # the images the stored cache was made from
-    path = os.path.join(os.path.dirname(__file__), "data", f"format1-{encoding}.zarr")
+    path = os.path.join(TESTS, "fixtures", f"format1-{encoding}.zarr")
     cache = Cache.open(path)
     assert cache.manifest["format_version"] == 1 and not cache.encoding.lse
     assert "global_lse" not in cache.encoding.arrays()
@@ -263,14 +264,14 @@ def test_format_1_caches_stay_readable(tmp_path, encoding):
 def test_format_2_caches_train_as_before(tmp_path):
     """A cache made by cskd-cache 0.2 (format 2: the 48-byte cells4x4 signature, one-byte ckf slots, full DeiT
     recipe at 64 px) is verified with its own signature and trains as it did then: the per-epoch losses that 0.2
-    recorded when it trained this very run (tests/data/format2-ckf.expected.json; bit for bit on the machine that
+    recorded when it trained this very run (tests/fixtures/format2-ckf.expected.json; bit for bit on the machine that
     made it, to float rounding elsewhere)."""
     from conftest import make_images
 
-    from cskd_cache.store import Cache
+    from cskd_cache.cache.store import Cache
 
     images = make_images(tmp_path / "images", per_class=4)  # the images the stored cache was made from
-    path = os.path.join(os.path.dirname(__file__), "data", "format2-ckf.zarr")
+    path = os.path.join(TESTS, "fixtures", "format2-ckf.zarr")
     cache = Cache.open(path)
     assert cache.manifest["format_version"] == 2 and cache.signature_kind == "cells4x4"
     assert cache.encoding.arrays()["ckf_slot"].dtype == "uint8" and cache.replay_specs["signature"][0] == (48,)
@@ -280,7 +281,7 @@ def test_format_2_caches_train_as_before(tmp_path):
     code, text = run_cli("train", "--student", STUDENT, "--data", images, "--cache", path, "--out", out, "--epochs",
                          "3", "--batch-size", "8", "--workers", "0", "--warmup-epochs", "0", "--max-steps", "2")
     assert code == 0, text
-    want = json.load(open(os.path.join(os.path.dirname(__file__), "data", "format2-ckf.expected.json")))
+    want = json.load(open(os.path.join(TESTS, "fixtures", "format2-ckf.expected.json")))
     got = [json.loads(line)["train_total"] for line in open(out / "metrics.jsonl")]
     assert got == pytest.approx(want["train_total"], rel=1e-5, abs=0)
 
