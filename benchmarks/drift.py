@@ -37,7 +37,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation
 
-from benchmarks.common import PHOTOS, _photo, parser, real_photos, save, table
+from benchmarks.common import camera_photos, parser, real_photos, save, table
 from cskd_cache.data.plan import MODE_CUTMIX, MODE_MIXUP, make_epoch_plan
 from cskd_cache.data.fingerprint import fingerprint
 from cskd_cache.data.recipe import Recipe, build_transform
@@ -152,26 +152,6 @@ class Replayer:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Photos, pairs
-
-def camera_photos(root, per_photo: int = 8, seed: int = 0) -> pathlib.Path:
-    """Camera-like JPEGs (quality 90) of the same photographs: 3:2 crops resized to 640x427 (a quarter portrait)."""
-    root = pathlib.Path(root)
-    rng = np.random.default_rng(seed)
-    for name in PHOTOS:
-        photo = Image.fromarray(_photo(name)).convert("RGB")
-        (root / name).mkdir(parents=True, exist_ok=True)
-        w, h = photo.size
-        for i in range(per_photo):
-            portrait = bool(rng.random() < 0.25)
-            long = min(h, w * 3 // 2) if portrait else min(w, h * 3 // 2)
-            side = int(rng.integers(long // 2, long + 1))
-            box = (side * 2 // 3, side) if portrait else (side, side * 2 // 3)
-            x0, y0 = int(rng.integers(0, w - box[0] + 1)), int(rng.integers(0, h - box[1] + 1))
-            photo.crop((x0, y0, x0 + box[0], y0 + box[1])).resize((427, 640) if portrait else (640, 427),
-                                                                    Image.BICUBIC).save(
-                root / name / f"{name}_{i:03d}.jpg", quality=90)
-    return root
-
 
 PHOTO_SETS = {"photos320": "scikit-image photos, 320 px square JPEG crops (benchmarks.common.real_photos)",
               "camera640": "the same photos as camera-like 640x427 / 427x640 JPEGs, quality 90"}

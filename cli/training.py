@@ -69,6 +69,9 @@ def train(
         None, min=0.0, help="Largest drift of a replayed view's signature from the one cached (normalised units) that "
                             "is tolerated and counted (default: 0.025 for format-3 caches, 0.05 for older ones); 0 = "
                             "exact pixels only."),
+    check_every: int = typer.Option(8, min=1, help="Replayed views whose pixels are checked against the cache: every "
+                                                   "view of the first steps, then one pair in N (each view once in N "
+                                                   "epochs); 1 checks every view."),
     seed: int = typer.Option(0, help="Seed of initial weights, drop path and cycle orders."),
     repeats: int = typer.Option(3, min=1, help="Without a cache: repeated augmentation of the plan (a cache brings "
                                                "its own)."),
@@ -96,7 +99,7 @@ def train(
 def fit_teacher(
     data: str = typer.Option(..., help="Training data (ImageFolder or WebDataset shards)."),
     out: str = typer.Option(..., "--out", "--output", help="Weights to write: *.safetensors or *.pth (for "
-                                                           "--teacher-checkpoint)."),
+                                                           "precompute --teacher-checkpoint)."),
     teacher: str = typer.Option("regnety_160", help="timm CNN name."),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained",
                                     help="Fine-tune timm's weights (hub) or train from scratch."),

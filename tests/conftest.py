@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before timm imports huggingface_hub: fail at once, not after retries
+# tar indexes of the tests' shards go to a folder of this run (and its CLI subprocesses), not the user's ~/.cache
+os.environ.setdefault("CSKD_CACHE_INDEX_DIR", tempfile.mkdtemp(prefix="cskd-tar-index-"))
 
 import numpy as np
 import pytest

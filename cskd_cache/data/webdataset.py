@@ -1,10 +1,11 @@
 """WebDataset .tar shards as a random-access image source: local paths or any fsspec URL.
 
 A tar has no index, so each shard is scanned once (headers only) for every sample's key, image byte range and
-label. For remote shards (https://, s3://, ...) the scan reads the whole shard, so its result is saved in a local
-index folder (`$CSKD_CACHE_INDEX_DIR`, default `~/.cache/cskd-cache/tar-index`), keyed by URL and checked against
-the shard's size and ETag: every later run and every rank reuses it. Member reads then fetch exactly their byte
-range (one range request each, no read-ahead).
+label. The scan's result is saved in a local index folder (`$CSKD_CACHE_INDEX_DIR`, default
+`~/.cache/cskd-cache/tar-index`), keyed by URL or absolute path and checked against the shard's size and ETag (remote:
+a scan reads the whole shard) or size and modification time (local: ImageNet's 1.28M samples in 128 shards are 2.6M
+tar headers, about a minute to scan): every later run and every rank reuses it. Member reads then fetch exactly
+their byte range (one range request each, no read-ahead).
 """
 
 from __future__ import annotations
@@ -76,13 +77,19 @@ def _remote_stamp(shard: str) -> dict:
     return {"size": int(info.get("size") or -1), "etag": str(info.get("ETag") or info.get("etag") or "")}
 
 
+def _local_stamp(shard: str) -> dict:
+    """What identifies a local shard's bytes without reading them: its size and modification time."""
+    st = os.stat(shard)
+    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+
+
 def _index_shard(shard: str) -> list[tuple[str, int, int, bytes]]:
-    """(key, image offset, image size, label bytes) per sample: a remote shard's saved index when its size and
-    ETag still match, else a scan (saved for remote shards)."""
+    """(key, image offset, image size, label bytes) per sample: the shard's saved index when its stamp (size and
+    ETag, or size and mtime) still matches, else a scan, saved for next time."""
     if not _URL_RE.match(shard):
-        return _scan_shard(shard)
+        shard = os.path.abspath(shard)
     try:
-        stamp = _remote_stamp(shard)
+        stamp = _remote_stamp(shard) if _URL_RE.match(shard) else _local_stamp(shard)
     except ImportError:
         raise
     except Exception:  # noqa: BLE001 - the scan below opens it again and says what is wrong

@@ -11,6 +11,7 @@ import os
 import queue
 from concurrent.futures import ThreadPoolExecutor
 import threading
+from functools import lru_cache
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +25,7 @@ from ..cache.share import parse_epochs
 from ..data.matching import content_hash
 from ..data.open import open_source
 from ..data.recipe import Recipe
+from ..data.plan import make_epoch_plan
 from ..data.replay import PairDataset, collate_pairs, pair_items
 from ..data.source import find_bad_images
 from ..distributed import Dist, init_distributed
@@ -247,28 +249,48 @@ def _prepare(cfg: PrecomputeConfig, source, teacher_info: dict, grid, num_classe
                        hashes=hashes)
 
 
+class ShardBatches:
+    """The batch sampler of precompute: the batches of the given shards in order, made as the loader asks for them
+    (never the whole plan at once: 300 epochs of ImageNet would be 14 GB of plan entries before the first teacher
+    batch). A batch lies within one shard and one epoch and is always cut the same way, so a redone shard equals its
+    first attempt. Plans come from the cache's parameters (a pure function); the writer stores each epoch's plan with
+    its first shard."""
+
+    def __init__(self, cache: store.Cache, shards: list[int], batch_size: int):
+        self.cache, self.shards, self.batch_size = cache, shards, batch_size
+        self.plan = lru_cache(maxsize=2)(lambda e: make_epoch_plan(cache.plan_params, e))
+
+    def _cuts(self, shard: int):
+        start, stop = self.cache.shard_range(shard)
+        stride = self.cache.stride
+        for a in range(start, stop, self.batch_size):
+            b = min(a + self.batch_size, stop)
+            # a batch never spans epochs (format-1 shards can): split at each boundary
+            cuts = [a, *range((a // stride + 1) * stride, b, stride), b]
+            yield from zip(cuts, cuts[1:])
+
+    def __len__(self) -> int:
+        if self.cache.epoch_aligned:
+            return sum(-(-(b - a) // self.batch_size) for a, b in map(self.cache.shard_range, self.shards))
+        return sum(1 for s in self.shards for _ in self._cuts(s))
+
+    def __iter__(self):
+        for s in self.shards:
+            for lo, hi in self._cuts(s):
+                yield pair_items(self.plan, np.arange(lo, hi), self.cache.stride)  # every view fingerprinted
+
+
 def _run_shards(cfg, cache: store.Cache, source, teacher, encoding, dist: Dist, device, only=None) -> None:
     done = cache.done_shards()
     wanted = range(cache.num_shards) if only is None else sorted({s for e in only for s in cache.epoch_shards(e)})
     mine = [s for s in wanted if s % dist.world == dist.rank and not done[s]]
     if cfg.max_shards is not None:
         mine = mine[: cfg.max_shards]
-    stride = cache.stride
-    plan = cache.epoch_plan  # read and checked once per epoch (the cache keeps the last two)
-    batches, owner = [], []  # each batch lies within one shard and one epoch, always cut the same way
-    for s in mine:
-        start, stop = cache.shard_range(s)
-        for a in range(start, stop, cfg.batch_size):
-            b = min(a + cfg.batch_size, stop)
-            # a batch never spans epochs (format-1 shards can): split at each boundary
-            cuts = [a, *range((a // stride + 1) * stride, b, stride), b]
-            for lo, hi in zip(cuts, cuts[1:]):
-                batches.append(pair_items(plan, np.arange(lo, hi), stride))
-                owner.append(s)
+    batches = ShardBatches(cache, mine, cfg.batch_size)
+    dataset = PairDataset(source, cache.recipe, cache.fingerprint_kind, cache.signature_kind)
     loader = torch.utils.data.DataLoader(
-        PairDataset(source, cache.recipe, cache.fingerprint_kind, cache.signature_kind), batch_sampler=batches, num_workers=cfg.workers,
-        collate_fn=collate_pairs, pin_memory=device.type == "cuda", persistent_workers=False,
-        prefetch_factor=4 if cfg.workers else None)
+        dataset, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate_pairs,
+        pin_memory=device.type == "cuda", persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
     use_amp = device.type == "cuda"
     if use_amp:
         teacher = teacher.to(memory_format=torch.channels_last)
@@ -278,24 +300,27 @@ def _run_shards(cfg, cache: store.Cache, source, teacher, encoding, dist: Dist, 
     writer.start()
     total = sum(cache.shard_range(s)[1] - cache.shard_range(s)[0] for s in mine)
     bar = tqdm(total=total, unit="view", desc=f"precompute[{dist.rank}]", disable=None, dynamic_ncols=True)
-    parts: list = []
+    parts, shard = [], None
     try:
-        for i, batch in enumerate(loader):
+        for batch in loader:
             if "error" in batch:
                 raise CacheError(f"--data: {batch['error']}")
-            x = batch["image"].to(device, non_blocking=True)
+            first = int(batch["view"][0])
+            if parts and first // cache.shard_views != shard:  # the previous shard is whole: hand it to the writer
+                writer.put(_assemble(cache, shard, parts))
+                parts = []
+            shard = first // cache.shard_views
+            x = dataset.finish(batch, device)  # normalise, erase, mix: on the device, as training does
             if use_amp:
                 x = x.contiguous(memory_format=torch.channels_last)
             dense, glob = teacher(x)  # under the teacher's own precision (autocast inside)
             enc, spill = encoding.encode(dense, glob)
             replay = {k: batch[k].numpy() for k in cache.replay_names}  # format 1 (resumed): fingerprint only
             parts.append(({k: v.cpu().numpy() for k, v in enc.items()}, replay,
-                          None if spill is None else {k: v.cpu().numpy() for k, v in spill.items()},
-                          int(batch["view"][0])))
+                          None if spill is None else {k: v.cpu().numpy() for k, v in spill.items()}, first))
             bar.update(len(x))
-            if i + 1 == len(batches) or owner[i + 1] != owner[i]:
-                writer.put(_assemble(cache, owner[i], parts))
-                parts = []
+        if parts:
+            writer.put(_assemble(cache, shard, parts))
     finally:
         bar.close()
     writer.close()

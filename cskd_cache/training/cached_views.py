@@ -28,6 +28,7 @@ from ..data.replay import PairDataset
 from ..errors import CacheError
 from .engine import TeacherTargets
 from .loader import RankBatches, epoch_loader
+from .train import CHECK_FIRST_STEPS
 from .losses import CSKDLoss, mixup_target
 from .student import CSKDStudent, create_student
 
@@ -42,7 +43,8 @@ class CachedViews:
     pixels only)."""
 
     def __init__(self, cache: str, data: str, batch_size: int = 64, *, rank: int = 0, world: int = 1, seed: int = 0,
-                 match: str = "key", replay_tolerance: float | None = None, max_steps: int | None = None):
+                 match: str = "key", replay_tolerance: float | None = None, max_steps: int | None = None,
+                 check_every: int = 8):
         if batch_size < 2 or batch_size % 2:
             raise CacheError("batch_size must be an even number >= 2 (views come in mixing pairs)")
         self.url, self.cache = cache, Cache.open(cache)
@@ -63,15 +65,21 @@ class CachedViews:
         if steps == 0:
             raise CacheError(f"batch_size {batch_size} x {world} processes exceeds the views of an epoch")
         self.steps = min(steps, max_steps) if max_steps else steps
-        self._batches = RankBatches(self.cache.epoch_plan, None, self.cache.stride, batch_size, rank, world)
+        self._batches = RankBatches(self.cache.epoch_plan, None, self.cache.stride, batch_size, rank, world,
+                                    check_every=check_every)
         self._loaders: dict = {}
+        self._first_epoch = None
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
-        """Training epoch `epoch` reads cached epoch epochs_held[epoch % len]; later cycles are reordered."""
+        """Training epoch `epoch` reads cached epoch epochs_held[epoch % len]; later cycles are reordered. Every view
+        of the first epoch's first steps is checked against the cache, then one pair in `check_every`."""
         self._batches.views = epoch_views(epoch, self.epochs_held, self.cache.views_per_epoch,
                                           self.batch_size * self.world, self.steps, self.chunk, self.seed,
                                           self.cache.stride)
+        self._first_epoch = epoch if self._first_epoch is None else self._first_epoch
+        self._batches.epoch = epoch
+        self._batches.check_steps = CHECK_FIRST_STEPS if epoch == self._first_epoch else 0
 
     @property
     def chunk(self) -> int:
@@ -81,16 +89,18 @@ class CachedViews:
         """Steps per epoch."""
         return self.steps
 
-    def loader(self, workers: int = 4, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    def loader(self, workers: int = 4, pin_memory: bool = False, device="cpu") -> torch.utils.data.DataLoader:
         """A DataLoader over this epoch's batches (the same object every epoch: its workers persist). A batch is a
-        dict: image [B, 3, H, W], label and partner_label [B], lam [B], view [B] (global view index), teacher
-        (the encoded arrays, CPU tensors), maybe spill and drift. A damaged cache or a replay drift beyond the
-        tolerance raises CacheError."""
+        dict: image [B, 3, H, W] on `device` (the views, normalised as the recipe says: the workers send uint8
+        pixels, `pixels`, and the float steps run on the device), label and partner_label [B], lam [B], view [B]
+        (global view index), teacher (the encoded arrays, CPU tensors), maybe spill and drift. A damaged cache or a
+        replay drift beyond the tolerance raises CacheError."""
         key = (workers, pin_memory)
         if key not in self._loaders:
             dataset = PairDataset(self.source, self.recipe, self.cache.fingerprint_kind, self.cache.signature_kind)
-            self._loaders[key] = epoch_loader(dataset, self._batches, self.url, workers, pin_memory, self.tolerance)
-        return _Checked(self._loaders[key])
+            self._loaders[key] = (epoch_loader(dataset, self._batches, self.url, workers, pin_memory,
+                                               self.tolerance), dataset.finish)
+        return _Checked(*self._loaders[key], torch.device(device))
 
     def targets(self, batch: dict, device="cpu") -> torch.Tensor:
         """The mixed (mixup/cutmix) soft targets [B, K] with the recipe's label smoothing, on `device`."""
@@ -118,8 +128,8 @@ class CachedViews:
 class _Checked:
     """A loader that raises the errors the workers send as data (DataLoader cannot re-raise custom exceptions)."""
 
-    def __init__(self, loader):
-        self.loader, self.batch_sampler = loader, loader.batch_sampler
+    def __init__(self, loader, finish, device: torch.device):
+        self.loader, self.batch_sampler, self.finish, self.device = loader, loader.batch_sampler, finish, device
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -128,6 +138,7 @@ class _Checked:
         for batch in self.loader:
             if "error" in batch:
                 raise CacheError(batch["error"])
+            batch["image"] = self.finish(batch, self.device)
             yield batch
 
 

@@ -50,6 +50,7 @@ class TrainConfig:
     match: str = "key"  # how --data's images are matched to the cache's samples: key | stem | content
     replay_tolerance: float | None = None  # signature distance a replayed view may drift by (None: the cache's
     # signature's default; 0: exact pixels only)
+    check_every: int = 8  # fingerprint every view of the first steps, then a pair in `check_every` (1: all)
     compile: bool = False  # torch.compile the student's training forward (pays off on a GPU, in long runs)
     tensorboard: bool = False  # also write OUT/tensorboard event files
 
@@ -81,6 +82,8 @@ def check_flags(cfg: TrainConfig) -> None:
                     ("--workers", cfg.workers)):
         if v < 0:
             raise CacheError(f"{flag} must be >= 0, got {v}")
+    if cfg.check_every < 1:
+        raise CacheError(f"--check-every must be >= 1 (1 checks every view), got {cfg.check_every}")
     if cfg.replay_tolerance is not None and cfg.replay_tolerance < 0:
         raise CacheError(f"--replay-tolerance must be >= 0, got {cfg.replay_tolerance}")
     if not 0.0 <= cfg.drop_path <= 1.0 or not 0.0 <= cfg.ema_decay <= 1.0:

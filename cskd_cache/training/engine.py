@@ -50,8 +50,10 @@ class TeacherTargets:
 
 def train_one_epoch(model, criterion: CSKDLoss, loader, optimizer, device: torch.device, epoch: int, *,
                     targets: TeacherTargets, alpha_at, num_classes: int, smoothing: float, ema=None,
-                    clip_grad: float | None = None, show_progress: bool = True, check_every: int = 50) -> dict:
-    """Train over one epoch's loader. alpha_at(step) gives CKF's alpha. Returns the summed loss parts (device
+                    clip_grad: float | None = None, show_progress: bool = True, check_every: int = 50,
+                    finish=None) -> dict:
+    """Train over one epoch's loader. alpha_at(step) gives CKF's alpha; `finish(batch, device)` turns the workers'
+    uint8 pixels into the views (normalise, erase, mix: data/finish.py). Returns the summed loss parts (device
     tensors), the number of views, the seconds and the last alpha."""
     model.train()
     sums: dict[str, torch.Tensor] = {}
@@ -64,7 +66,7 @@ def train_one_epoch(model, criterion: CSKDLoss, loader, optimizer, device: torch
             raise CacheError(batch["error"])
         if "drift" in batch:
             drift = [drift[0] + int(batch["drift"][0]), max(drift[1], float(batch["drift"][1]))]
-        x = batch["image"].to(device, non_blocking=True)
+        x = finish(batch, device) if finish is not None else batch["image"].to(device, non_blocking=True)
         target = mixup_target(batch["label"].to(device, non_blocking=True),
                               batch["partner_label"].to(device, non_blocking=True),
                               batch["lam"].to(device, non_blocking=True), num_classes, smoothing)

@@ -28,6 +28,8 @@ from .loader import RankBatches, epoch_loader
 from .losses import alpha_at
 from .setup import Run, recipe_of, setup  # noqa: F401 - the names callers of `train` use
 
+CHECK_FIRST_STEPS = 8  # every view of a run's first steps is fingerprinted (then a rotating sample)
+
 
 def train(cfg: TrainConfig, dist: Dist | None = None) -> list[dict]:
     """The whole training run; returns the per-epoch metrics it also writes to OUT/metrics.jsonl."""
@@ -107,16 +109,19 @@ def _one_epoch(run: Run, dataset: PairDataset, epoch: int) -> dict:
     views = epoch_views(epoch, run.plan_epochs, run.views_per_epoch, cfg.batch_size * dist.world, run.steps,
                         run.block, cfg.seed, run.stride)
     if run.loader is None:  # one loader for the run: its workers (and their open cache) live across epochs
-        run.batches = RankBatches(run.plan, views, run.stride, cfg.batch_size, dist.rank, dist.world)
+        # replayed views are checked against the cache only: an online teacher sees them as they are
+        run.batches = RankBatches(run.plan, views, run.stride, cfg.batch_size, dist.rank, dist.world,
+                                  check_every=cfg.check_every if run.cache_url else 0)
         run.loader = epoch_loader(dataset, run.batches, run.cache_url, cfg.workers, run.device.type == "cuda",
                                   cfg.replay_tolerance)
-    run.batches.views = views
+    run.batches.views, run.batches.epoch = views, epoch
+    run.batches.check_steps = CHECK_FIRST_STEPS if epoch == run.start_epoch else 0  # a run's (or resume's) start
     loader = run.loader
     per_step = lambda step: alpha_at(epoch, step, run.steps, cfg.epochs, cfg.alpha_schedule, cfg.alpha_per_step)
     stats = train_one_epoch(run.model, run.criterion, loader, run.optimizer, run.device, epoch,
                             targets=run.targets, alpha_at=per_step, num_classes=run.num_classes,
                             smoothing=run.recipe.label_smoothing, ema=run.ema, clip_grad=cfg.clip_grad,
-                            show_progress=dist.main)
+                            show_progress=dist.main, finish=dataset.finish)
     names = list(stats["sums"])
     totals = torch.stack([torch.tensor(float(stats["seen"]), device=run.device)] +
                          [stats["sums"][k].double().to(run.device) for k in names]).double()

@@ -286,3 +286,26 @@ def test_dataloader_workers_read_same_bytes(tmp_path, kind):
         pids.add(pid)
     assert os.getpid() not in pids and len(pids) == 2
     assert [got[i] for i in range(len(src))] == expected
+
+
+def test_local_shard_index_is_saved_reused_and_renewed(tmp_path, monkeypatch):
+    """A local shard's scan is saved (ImageNet's 128 shards are 2.6M tar headers) and reused while the shard's size
+    and mtime are unchanged; a rewritten shard is scanned again, never read through a stale index."""
+    import cskd_cache.data.webdataset as wdsrc
+
+    monkeypatch.setenv("CSKD_CACHE_INDEX_DIR", str(tmp_path / "index"))
+    samples = _samples(6)
+    paths = _shards(tmp_path / "w", samples, nshards=2)
+    first = open_source(paths)
+    assert len(list((tmp_path / "index").glob("*.json"))) == 2
+    scans = []
+    real = wdsrc._scan_shard
+    monkeypatch.setattr(wdsrc, "_scan_shard", lambda s: scans.append(s) or real(s))
+    again = open_source(paths)
+    assert scans == [] and again.keys == first.keys and again.read_bytes(1) == first.read_bytes(1)
+    _shards(tmp_path / "w", samples[::-1], nshards=2)  # the same names, other contents
+    os.utime(paths[0], ns=(1, 1))  # even within one clock tick, the mtime differs
+    renewed = open_source(paths)
+    assert sorted(scans) == sorted(paths)
+    by_key = {k: d for k, _, _, d in samples}
+    assert renewed.keys != first.keys and renewed.read_bytes(0) == by_key[renewed.keys[0]]

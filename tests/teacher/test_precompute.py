@@ -114,7 +114,8 @@ def _kill_midway(cmd, out, env):
 def test_kill_9_then_resume_gives_the_identical_cache(tmp_path, teacher_checkpoint):
     images = make_images(tmp_path / "images", per_class=8)
     args = precompute_args(images, tmp_path / "killed.zarr", teacher_checkpoint, "--epochs", "4")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # float sums follow the thread count: every run here is a process of its own with the same count
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
     cmd = [sys.executable, "-m", "cskd_cache", *args]
     _kill_midway(cmd, tmp_path / "killed.zarr", env)
     killed = Cache.open(str(tmp_path / "killed.zarr"))
@@ -125,7 +126,7 @@ def test_kill_9_then_resume_gives_the_identical_cache(tmp_path, teacher_checkpoi
     assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0  # the same command resumes
     assert Cache.open(str(tmp_path / "killed.zarr")).complete
     ref = precompute_args(images, tmp_path / "ref.zarr", teacher_checkpoint, "--epochs", "4")
-    assert run_cli(*ref)[0] == 0
+    assert subprocess.run([sys.executable, "-m", "cskd_cache", *ref], env=env, capture_output=True).returncode == 0
     assert_same_cache(tmp_path / "killed.zarr", tmp_path / "ref.zarr")
 
 
@@ -269,28 +270,44 @@ def test_remote_store_is_readable(tmp_path, image_folder, teacher_checkpoint):
     assert np.array_equal(remote.read_fingerprints(0, 24), Cache.open(str(out)).read_fingerprints(0, 24))
 
 
-def test_crash_while_writing_the_plan_never_gives_a_usable_cache(tmp_path, image_folder, teacher_checkpoint,
-                                                                 monkeypatch):
-    """The reproduced bug: a crash while the plan epochs were written left a cache that resumed to 'complete'
-    with all-zero plans. Now the cache says 'creating' until its plan is whole, and the next run starts over."""
+def test_a_crash_while_creating_or_writing_a_plan_never_gives_a_usable_cache(tmp_path, image_folder,
+                                                                            teacher_checkpoint, monkeypatch):
+    """A crash while the group and samples are created leaves a cache that says 'creating' (never opens; the next
+    run starts over). Plans are written with their epochs' first shards: a crash while an epoch's plan is written
+    leaves that shard unmarked (the cache is incomplete, training refuses it) and the next run finishes it to the
+    uninterrupted run's cache, array for array. (The reproduced bug: a crash between plan epochs once left a cache
+    that resumed to 'complete' with all-zero plans.)"""
     from cskd_cache.cache import write
+
+    out = tmp_path / "c.zarr"
+    args = precompute_args(image_folder, out, teacher_checkpoint, "--epochs", "3")
+    real_array = write._write_array
+    monkeypatch.setattr(write, "_write_array", lambda group, name, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if name == "samples/label" else real_array(group, name, *a, **k))
+    code, text = run_cli(*args)
+    assert code == 130 and "resume" in text
+    assert write.read_manifest(str(out))["status"] == "creating"
+    code, text = run_cli("inspect", out)
+    assert code == 2 and "never fully created" in text
+    monkeypatch.setattr(write, "_write_array", real_array)
 
     real, calls = write.write_epoch_plan, {"n": 0}
 
     def crashing(group, epoch, plan):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise KeyboardInterrupt  # what Ctrl-C (or a kill) does between two epochs of the plan
+            raise KeyboardInterrupt  # what Ctrl-C (or a kill) does while epoch 1's plan is written
         return real(group, epoch, plan)
 
     monkeypatch.setattr(write, "write_epoch_plan", crashing)
-    out = tmp_path / "c.zarr"
-    args = precompute_args(image_folder, out, teacher_checkpoint, "--epochs", "3")
     code, text = run_cli(*args)
     assert code == 130 and "resume" in text
-    assert write.read_manifest(str(out))["status"] == "creating"
-    code, text = run_cli("inspect", out)
-    assert code == 2 and "never fully created" in text
+    cache = Cache.open(str(out))
+    assert cache.manifest["status"] == "incomplete" and 0 < int(cache.done_shards().sum()) < cache.num_shards
+    assert not cache.done_shards()[list(cache.epoch_shards(1))[0]]  # the shard whose plan was cut off
+    code, text = run_cli("train", "--student", "deit_tiny_distilled_patch16_224", "--data", image_folder, "--cache",
+                         out, "--out", tmp_path / "run", "--epochs", "1", "--workers", "0", "--batch-size", "8")
+    assert code == 2 and "incomplete" in text
     monkeypatch.setattr(write, "write_epoch_plan", real)
     assert run_cli(*args)[0] == 0
     assert run_cli(*precompute_args(image_folder, tmp_path / "ref.zarr", teacher_checkpoint, "--epochs", "3"))[0] == 0
