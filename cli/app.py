@@ -31,7 +31,7 @@ class _OneLineErrors(TyperGroup):
         except typer.TyperException as e:  # typer's (vendored click's) usage errors
             ctx = getattr(e, "ctx", None)
             name = f" (see {ctx.command_path} --help)" if ctx is not None else ""
-            typer.echo(f"error: {e.format_message()}{name}", err=True)
+            typer.echo(f"error: {_one_line(e.format_message())}{name}", err=True)
             sys.exit(getattr(e, "exit_code", 2))
         sys.exit(rv if isinstance(rv, int) else 0)
 
@@ -53,8 +53,13 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Offline teacher-label cache for Cumulative Spatial Knowledge Distillation (CSKD)."""
 
 
+def _one_line(message: str) -> str:
+    """A message that quotes another library's (YAML's, an OS's) may span lines: the user gets one."""
+    return " ".join(message.split())
+
+
 def fail(message: str, code: int = 2):
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {_one_line(message)}", err=True)
     raise typer.Exit(code)
 
 

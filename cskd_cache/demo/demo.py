@@ -5,8 +5,9 @@ cached views (no distillation, DeiT hard distillation, CSKD) -> a table, results
 is the library call the CLI command makes, so the demo exercises the real path.
 
 The settings are the folder's identity (OUT/demo.json): a rerun with the same settings reuses every finished stage
-(scenes, teacher, cache, runs) and continues an interrupted one; other settings in the same folder are refused,
-naming the demo's own flags, before anything is touched.
+(scenes, teacher, cache, each run), printing "reused: STAGE", and continues an interrupted one; other settings in
+the same folder are refused, naming the demo's own flags, before anything is touched. OUT/demo.json also keeps each
+stage's wall time, so a rerun's table reports what the stages took when they ran.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from ..errors import CacheError
 from ..teacher.fit import FitTeacherConfig, fit_settings, fit_teacher
 from ..teacher.precompute import PrecomputeConfig, precompute
 from ..training.train import TrainConfig, train
-from .machine import describe, machine
-from .scenes import write_scene_shards
+from .machine import machine
+from .scenes import scene_specs, write_scene_shards
 
 # name -> (teacher source, CSKD weight): the three rows of the paper's comparison, on one code path.
 MODES = {"no distillation": ("none", 0.0), "DeiT hard distillation": ("cache", 0.0), "CSKD": ("cache", 1.0)}
@@ -55,13 +56,6 @@ def demo_recipe(size: int) -> Recipe:
                   mix_prob=0.5)
 
 
-def _timed(times: dict, stage: str, fn, *args):
-    t = time.time()
-    out = fn(*args)
-    times[stage] = time.time() - t
-    return out
-
-
 def require_matplotlib(what: str) -> None:
     try:
         import matplotlib  # noqa: F401 - fail before the work, not after it
@@ -70,16 +64,16 @@ def require_matplotlib(what: str) -> None:
 
 
 def scene_teacher(out: str, train_spec: str, val_spec: str, teacher: str, epochs: int, size: int, workers: int,
-                  device: str | None, seed: int) -> tuple[str, dict]:
-    """The scenes' teacher, fitted once (OUT/teacher.safetensors) and reused after: its path and fit report."""
-    ckpt = os.path.join(out, "teacher.safetensors")
-    fit = FitTeacherConfig(data=train_spec, out=ckpt, teacher=teacher, pretrained=False, val_data=val_spec,
-                           epochs=epochs, batch_size=64, lr=2e-3, warmup_epochs=0, input_size=size,
-                           scale=(0.7, 1.0), hflip=0.0, workers=workers, device=device, seed=seed)
-    return ckpt, reuse_teacher(fit) or fit_teacher(fit)
+                  device: str | None, seed: int) -> FitTeacherConfig:
+    """The scenes' teacher fit: weights at OUT/teacher.safetensors, its report beside them (.json)."""
+    return FitTeacherConfig(data=train_spec, out=os.path.join(out, "teacher.safetensors"), teacher=teacher,
+                            pretrained=False, val_data=val_spec, epochs=epochs, batch_size=64, lr=2e-3,
+                            warmup_epochs=0, input_size=size, scale=(0.7, 1.0), hflip=0.0, workers=workers,
+                            device=device, seed=seed)
 
 
-# settings that do not change what is computed (the runs are deterministic for any worker count and device)
+# settings that are not part of a stage's identity: where it runs. (--workers does move the teacher's augmentation
+# draws, so numbers differ by a point or so, but a stage finished with other workers is as valid: it is reused.)
 _FREE = ("out", "workers", "device")
 
 
@@ -87,70 +81,137 @@ def settings(cfg: DemoConfig) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in _FREE}
 
 
-def claim_folder(cfg: DemoConfig) -> None:
-    """OUT is this demo's, with these settings: create it, or check it, before any stage runs."""
+# DemoConfig fields that `cskd-cache demo` has no flag for (set from Python only): named without "--"
+_NO_FLAG = ("size", "teacher", "student", "lr")
+
+
+def _named(key: str, value) -> str:
+    return f"{key} {value}" if key in _NO_FLAG else f"--{key.replace('_', '-')} {value}"
+
+
+def claim_folder(cfg: DemoConfig) -> dict:
+    """OUT is this demo's, with these settings: create it, or check it, before any stage runs. Returns its
+    demo.json (settings, and the seconds of the stages finished so far)."""
     path = os.path.join(cfg.out, "demo.json")
+    now = settings(cfg)
     if os.path.exists(path):
         try:
             with open(path) as f:
-                old = json.load(f)["settings"]
+                state = json.load(f)
+            old = state["settings"]
+            if not isinstance(old, dict):
+                raise TypeError
         except (OSError, ValueError, KeyError, TypeError):
             raise CacheError(f"{path} is not a demo's settings file; pass another --out, or delete {cfg.out}") from None
-        now = settings(cfg)
-        diff = [f"--{k.replace('_', '-')} {old.get(k)}, not {now[k]}" for k in now if old.get(k) != now[k]]
+        diff = [f"{_named(k, old.get(k))}, not {now[k]}" for k in now if old.get(k) != now[k]]
         if diff:
             raise CacheError(f"--out {cfg.out} holds a demo made with other settings ({'; '.join(diff)}); pass "
                              f"another --out (e.g. --out {cfg.out.rstrip('/')}-small) or delete {cfg.out}")
-        return
+        state.setdefault("seconds", {})
+        return state
     if os.path.isdir(cfg.out) and os.listdir(cfg.out):
         raise CacheError(f"--out {cfg.out} is not empty and holds no demo.json (made by an older demo, or not a "
                          f"demo); pass another --out, or delete {cfg.out}")
-    os.makedirs(cfg.out, exist_ok=True)
+    state = {"settings": now, "seconds": {}}
+    _save_state(cfg.out, state)
+    return state
+
+
+def _save_state(out: str, state: dict) -> None:
+    path = os.path.join(out, "demo.json")
+    os.makedirs(out, exist_ok=True)
     with open(path + ".tmp", "w") as f:
-        json.dump({"settings": settings(cfg)}, f, indent=2)
+        json.dump(state, f, indent=2)
     os.replace(path + ".tmp", path)
+
+
+class _Stages:
+    """Runs each stage unless it finished before with these settings (demo.json vouches for that), and keeps
+    every stage's wall time in demo.json as it finishes: a rerun reports what a reused stage took when it ran,
+    not the moment its reuse took."""
+
+    def __init__(self, out: str, state: dict):
+        self.out, self.state, self.reused = out, state, []
+        self.seconds: dict[str, float | None] = {}
+        try:  # a folder finished by a demo that did not keep times in demo.json: its last results.json has them
+            with open(os.path.join(out, "results.json")) as f:
+                self.before = json.load(f).get("seconds", {})
+        except (OSError, ValueError, AttributeError):
+            self.before = {}
+
+    def run(self, name: str, done, compute):
+        """`done()` is the stage's result if it is there already, else None; `compute()` makes it."""
+        result = done()
+        if result is not None:
+            print(f"reused: {name} (finished before with these settings, in {self.out})", flush=True)
+            self.reused.append(name)
+            self.seconds[name] = self.state["seconds"].get(name, self.before.get(name))
+            return result
+        started = time.time()
+        result = compute()
+        self.seconds[name] = self.state["seconds"][name] = time.time() - started
+        _save_state(self.out, self.state)
+        return result
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     require_matplotlib("demo")
-    claim_folder(cfg)
-    times: dict[str, float] = {}
-    train_spec, val_spec = _timed(times, "make scenes (WebDataset shards)", write_scene_shards,
-                                  os.path.join(cfg.out, "data"), cfg.train_scenes, cfg.val_scenes, cfg.seed, cfg.size)
+    stages = _Stages(cfg.out, claim_folder(cfg))
+    data = os.path.join(cfg.out, "data")
+    scene_args = (data, cfg.train_scenes, cfg.val_scenes, cfg.seed, cfg.size)
+    train_spec, val_spec = stages.run("make scenes (WebDataset shards)", lambda: scene_specs(*scene_args),
+                                      lambda: write_scene_shards(*scene_args))
 
-    ckpt, report = _timed(times, "fit-teacher", scene_teacher, cfg.out, train_spec, val_spec, cfg.teacher,
-                          cfg.teacher_epochs, cfg.size, cfg.workers, cfg.device, cfg.seed)
+    fit = scene_teacher(cfg.out, train_spec, val_spec, cfg.teacher, cfg.teacher_epochs, cfg.size, cfg.workers,
+                        cfg.device, cfg.seed)
+    report = stages.run("fit-teacher", lambda: reuse_teacher(fit, moved=True), lambda: fit_teacher(fit))
     teacher_top1 = report["history"][-1].get("val_top1") if report["history"] else None
 
     cache_path = os.path.join(cfg.out, "teacher-cache.zarr")
-    pre = PrecomputeConfig(data=train_spec, out=cache_path, teacher=cfg.teacher, teacher_checkpoint=ckpt,
+    pre = PrecomputeConfig(data=train_spec, out=cache_path, teacher=cfg.teacher, teacher_checkpoint=fit.out,
                            epochs=cfg.cache_epochs, recipe=demo_recipe(cfg.size), batch_size=2 * cfg.batch_size,
                            repeats=1,  # every scene in every cached epoch: a small dataset, a short run
                            workers=cfg.workers, chunk_views=256, shard_views=1024, seed=cfg.seed,
                            device=cfg.device)
     # demo.json vouches that a complete cache here was made with these settings: reuse it without a write
-    _timed(times, "precompute", lambda: None if _complete(cache_path) else precompute(pre))
+    stages.run("precompute", lambda: True if _complete(cache_path) else None, lambda: precompute(pre))
     cache = Cache.open(cache_path)
 
     runs = {}
     for label, (source, cskd_weight) in MODES.items():
         run_dir = os.path.join(cfg.out, "runs", label.split()[0].lower())
+        checkpoint = os.path.join(run_dir, "checkpoint.pth")
+        # resume only a run that is there: train's note about a missing one would name its own flags
         tc = TrainConfig(student=cfg.student, data=train_spec, out=run_dir, cache=cache_path, val_data=val_spec,
                          epochs=cfg.student_epochs, teacher_source=source, cskd_weight=cskd_weight,
                          batch_size=cfg.batch_size, lr=cfg.lr, warmup_epochs=0, min_lr=1e-5, ema_decay=0.0,
-                         workers=cfg.workers, device=cfg.device, seed=cfg.seed, resume=True)
-        history = _timed(times, f"train: {label}", train, tc)
+                         workers=cfg.workers, device=cfg.device, seed=cfg.seed, resume=os.path.exists(checkpoint))
+        history = stages.run(f"train: {label}", lambda c=checkpoint: _finished_run(c, cfg.student_epochs),
+                             lambda tc=tc: train(tc))
         runs[label] = {"top1": history[-1]["top1"], "best_top1": max(r["top1"] for r in history),
                        "top1_per_epoch": [r["top1"] for r in history]}
 
-    results = {"config": asdict(cfg), "teacher_top1": teacher_top1, "runs": runs, "seconds": times,
-               "total_seconds": sum(times.values()),
+    known = [s for s in stages.seconds.values() if s is not None]
+    results = {"config": asdict(cfg), "teacher_top1": teacher_top1, "runs": runs, "seconds": stages.seconds,
+               "total_seconds": sum(known), "reused": stages.reused,
                "cache_bytes_per_view": sum(a["stored"] for a in cache.bytes_per_view().values()),
                "views_cached": cache.num_views, "machine": machine()}
-    with open(os.path.join(cfg.out, "results.json"), "w") as f:
+    with open(os.path.join(cfg.out, "results.json.tmp"), "w") as f:
         json.dump(results, f, indent=2)
+    os.replace(os.path.join(cfg.out, "results.json.tmp"), os.path.join(cfg.out, "results.json"))
     plot_accuracy(results, os.path.join(cfg.out, "accuracy.png"))
     return results
+
+
+def _finished_run(checkpoint: str, epochs: int) -> list[dict] | None:
+    """A student run's per-epoch history if its checkpoint holds all `epochs` epochs (else train resumes it)."""
+    import torch
+
+    try:
+        history = torch.load(checkpoint, map_location="cpu", weights_only=True)["history"]
+    except (OSError, RuntimeError, KeyError, TypeError, EOFError):
+        return None
+    return history if len(history) == epochs else None
 
 
 def _complete(path: str) -> bool:
@@ -160,15 +221,18 @@ def _complete(path: str) -> bool:
         return False
 
 
-def reuse_teacher(fit: FitTeacherConfig) -> dict | None:
-    """The report of a teacher fitted before with exactly these settings, if its weights are there."""
+def reuse_teacher(fit: FitTeacherConfig, moved: bool = False) -> dict | None:
+    """The report of a teacher fitted before with exactly these settings, if its weights are there. `moved`:
+    the paths may differ (a demo folder that was moved or renamed; its demo.json vouches for its scenes)."""
     try:
         with open(fit.out + ".json") as f:
             report = json.load(f)
     except (OSError, ValueError):
         return None
-    same = report.get("settings") == fit_settings(fit)
-    return report if same and os.path.exists(fit.out) else None
+    old, now = report.get("settings"), fit_settings(fit)
+    if moved and isinstance(old, dict):
+        old, now = ({k: v for k, v in d.items() if k not in ("data", "val_data", "out")} for d in (old, now))
+    return report if old == now and os.path.exists(fit.out) else None
 
 
 def format_table(results: dict) -> str:
@@ -179,18 +243,10 @@ def format_table(results: dict) -> str:
     if results.get("teacher_top1") is not None:
         lines.append(f"| (teacher, {results['config']['teacher']}) | {results['teacher_top1']:.1f} | |")
     lines += ["", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {stage} | {s:.1f} |" for stage, s in results["seconds"].items()]
+    # a stage reused from a folder that kept no time for it (made by an older demo) has none to show
+    lines += [f"| {stage} | {'n/a' if s is None else f'{s:.1f}'} |" for stage, s in results["seconds"].items()]
     lines.append(f"| total | {results['total_seconds']:.1f} |")
     return "\n".join(lines)
-
-
-def readme_block(results: dict) -> str:
-    """The README's demo section, from a demo's results.json: the table `cskd-demo` printed and the machine."""
-    cfg = results["config"]
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings(DemoConfig(**cfg)).items()
-                     if v != getattr(DemoConfig, k))
-    return (format_table(results) + f"\n\n`cskd-cache demo{' ' + flags if flags else ''}` on "
-            f"{describe(results['machine'])}: {results['total_seconds'] / 60:.1f} min of stages.")
 
 
 def plot_accuracy(results: dict, path: str) -> None:
@@ -213,10 +269,3 @@ def plot_accuracy(results: dict, path: str) -> None:
     fig.savefig(path + ".tmp.png", dpi=120)
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
-
-
-if __name__ == "__main__":  # python -m cskd_cache.demo.demo cskd-demo/results.json: the README's demo table
-    import sys
-
-    with open(sys.argv[1] if len(sys.argv) > 1 else "cskd-demo/results.json") as f:
-        print(readme_block(json.load(f)))

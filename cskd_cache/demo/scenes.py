@@ -70,28 +70,49 @@ def make_scenes(n: int, split: str, seed: int, size: int = 64):
         yield render_scene([images[scans[i]] for i in order], rng, size), major
 
 
+def _specs(out_dir: str, n_train: int, n_val: int, per_shard: int) -> dict[str, str]:
+    """Each split's brace spec of its shards: train-{000000..000003}.tar, or the one file."""
+    specs = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        shards = max(1, -(-n // per_shard))
+        specs[split] = os.path.join(out_dir, f"{split}-{{000000..{shards - 1:06d}}}.tar" if shards > 1
+                                    else f"{split}-000000.tar")
+    return specs
+
+
+def scene_specs(out_dir: str, n_train: int, n_val: int, seed: int = 0, size: int = 64,
+                per_shard: int = 1000) -> tuple[str, str] | None:
+    """The train and val specs of shards written before with exactly these settings, or None."""
+    try:
+        with open(os.path.join(out_dir, "scenes.json")) as f:
+            done = json.load(f)
+    except (OSError, ValueError):
+        return None
+    settings = {"n_train": n_train, "n_val": n_val, "seed": seed, "size": size, "per_shard": per_shard}
+    specs = _specs(out_dir, n_train, n_val, per_shard)
+    return (specs["train"], specs["val"]) if done == settings else None
+
+
 def write_scene_shards(out_dir: str, n_train: int, n_val: int, seed: int = 0, size: int = 64,
                        per_shard: int = 1000) -> tuple[str, str]:
     """Write train-*.tar and val-*.tar WebDataset shards (png + cls) and classes.txt; return both brace specs.
 
     Reuses shards written before with the same settings (a manifest records them), so a rerun of the demo skips
-    this step; shards are written under a temporary name and renamed, so a kill never leaves a short shard.
+    this step; shards are written under a temporary name and renamed, so a kill never leaves a short shard; the
+    manifest is written last, so it only ever vouches for complete shards.
     """
     import webdataset as wds
 
-    settings = {"n_train": n_train, "n_val": n_val, "seed": seed, "size": size, "per_shard": per_shard}
-    specs = {}
+    done = scene_specs(out_dir, n_train, n_val, seed, size, per_shard)
+    if done is not None:
+        return done
     os.makedirs(out_dir, exist_ok=True)
     manifest = os.path.join(out_dir, "scenes.json")
-    done = json.load(open(manifest)) if os.path.exists(manifest) else None
+    if os.path.exists(manifest):
+        os.remove(manifest)  # other settings: the shards are about to change under it
     for split, n in (("train", n_train), ("val", n_val)):
-        shards = max(1, -(-n // per_shard))
-        specs[split] = os.path.join(out_dir, f"{split}-{{000000..{shards - 1:06d}}}.tar" if shards > 1
-                                    else f"{split}-000000.tar")
-        if done == settings:
-            continue
         scenes = make_scenes(n, split, seed, size)
-        for s in range(shards):
+        for s in range(max(1, -(-n // per_shard))):
             path = os.path.join(out_dir, f"{split}-{s:06d}.tar")
             with wds.TarWriter(path + ".tmp") as sink:
                 for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
@@ -102,6 +123,9 @@ def write_scene_shards(out_dir: str, n_train: int, n_val: int, seed: int = 0, si
             os.replace(path + ".tmp", path)
     with open(os.path.join(out_dir, "classes.txt"), "w") as f:
         f.write("\n".join(CLASSES) + "\n")
-    with open(manifest, "w") as f:
+    settings = {"n_train": n_train, "n_val": n_val, "seed": seed, "size": size, "per_shard": per_shard}
+    with open(manifest + ".tmp", "w") as f:
         json.dump(settings, f)
+    os.replace(manifest + ".tmp", manifest)
+    specs = _specs(out_dir, n_train, n_val, per_shard)
     return specs["train"], specs["val"]

@@ -16,7 +16,7 @@ from ..errors import CacheError
 # run folder itself may move; the data's and cache's identity is checked by fingerprint).
 # --epochs may grow (training extended: the cosine and alpha schedules stretch from the resumed epoch on).
 _RESUME_FREE = {"workers", "device", "resume", "force", "tensorboard", "out", "data", "cache", "val_data", "epochs",
-                "stop_after", "match", "replay_tolerance", "compile"}
+                "stop_after", "match", "replay_tolerance", "compile", "check_every"}
 
 
 def _check_resume(cfg, saved: dict, path: str) -> None:
@@ -40,6 +40,12 @@ def checkpoint_path(cfg) -> str:
     return os.path.join(cfg.out, "checkpoint.pth")
 
 
+def refuse_overwrite(cfg) -> None:
+    """Before any work: a run in --out is continued with --resume, never overwritten (said first, and alone)."""
+    if not cfg.resume and os.path.exists(checkpoint_path(cfg)):
+        raise CacheError(f"--out {cfg.out} already holds a run; pass --resume to continue it, or choose another --out")
+
+
 def resume(run) -> None:
     """Load the run's checkpoint into `run` (a train.Run) if there is one and --resume asks for it."""
     cfg, path = run.cfg, checkpoint_path(run.cfg)
@@ -47,8 +53,7 @@ def resume(run) -> None:
         if cfg.resume and run.dist.main:
             print(f"note: --resume: no run in {cfg.out} yet; starting a new one")
         return
-    if not cfg.resume:
-        raise CacheError(f"--out {cfg.out} already holds a run; pass --resume to continue it, or choose another --out")
+    refuse_overwrite(cfg)
     try:  # weights_only: a checkpoint is data, never code (it may come from someone else)
         ck = torch.load(path, map_location=run.device, weights_only=True)
     except Exception as e:  # noqa: BLE001 - whatever is wrong with the file, say so in one line

@@ -25,6 +25,7 @@ from ..data.source import LabeledImages
 from ..distributed import Dist
 from ..errors import CacheError, DataError
 from ..teacher.model import create_teacher, resolve_precision
+from .checkpoint import refuse_overwrite
 from .checkpoint import resume as _resume
 from .config import TrainConfig, check_flags, lr_for
 from .engine import TeacherTargets
@@ -88,6 +89,7 @@ class Run:
 def setup(cfg: TrainConfig, dist: Dist) -> Run:
     """Data, cache, teacher, student, optimizer, loss; and the state of a run being resumed."""
     check_flags(cfg)
+    refuse_overwrite(cfg)
     device = dist.device(cfg.device)
     source = open_source(cfg.data)
     cache = Cache.open(cfg.cache) if cfg.cache else None

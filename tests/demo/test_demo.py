@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import torch
 from conftest import NUM_CLASSES, TEACHER, precompute_args, run_cli
 from PIL import Image
 
+from cskd_cache.demo.readme import main as readme_main
 from cskd_cache.demo.scenes import make_scenes, write_scene_shards
 
 
@@ -53,7 +55,7 @@ def test_scenes_are_majority_digits_from_disjoint_scans(tmp_path):
     assert (tmp_path / "train-000000.tar").stat().st_mtime_ns == before
 
 
-def test_demo_runs_end_to_end_and_resumes(tmp_path):
+def test_demo_runs_end_to_end_and_resumes(tmp_path, capsys):
     out = tmp_path / "demo"
     args = ["demo", "--out", out, "--train-scenes", "64", "--val-scenes", "32", "--teacher-epochs", "1",
             "--cache-epochs", "1", "--student-epochs", "2", "--batch-size", "16", "--workers", "0"]
@@ -72,26 +74,55 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
             ("no", "deit", "cskd")}
     assert "train_cskd" in runs["cskd"]["history"][0] and "train_cskd" not in runs["deit"]["history"][0]
     assert "train_distill" not in runs["no"]["history"][0]
-    # a second run reuses every finished stage (the cache too) and reports the same accuracies
-    cache_files = {p: p.stat().st_mtime_ns for p in (out / "teacher-cache.zarr").rglob("*") if p.is_file()}
+    # a second run reuses every finished stage (scenes, teacher, cache, each run), says so, touches none of them,
+    # and reports the same accuracies and the seconds the stages took when they ran
+    stage_files = [out / "data" / "train-000000.tar", out / "teacher.safetensors"] + \
+        [out / "runs" / name / "checkpoint.pth" for name in ("no", "deit", "cskd")] + \
+        [p for p in (out / "teacher-cache.zarr").rglob("*") if p.is_file()]
+    before = {p: p.stat().st_mtime_ns for p in stage_files}
     code, printed = run_cli(*args)
     assert code == 0, printed
+    assert {p: p.stat().st_mtime_ns for p in stage_files} == before
+    stages = list(results["seconds"])
+    assert [line for line in printed.splitlines() if line.startswith("reused: ")] == \
+        [f"reused: {stage} (finished before with these settings, in {out})" for stage in stages]
     again = json.loads((out / "results.json").read_text())
-    assert again["runs"] == results["runs"] and again["seconds"]["fit-teacher"] < results["seconds"]["fit-teacher"]
-    assert {p: p.stat().st_mtime_ns for p in cache_files} == cache_files
+    assert again["runs"] == results["runs"] and again["seconds"] == results["seconds"] and again["reused"] == stages
+    assert results["reused"] == []
+    # a folder moved elsewhere keeps its identity (demo.json), its teacher and every other stage included
+    shutil.copytree(out, tmp_path / "moved")
+    code, text = run_cli(*[tmp_path / "moved" if a == out else a for a in args])
+    assert code == 0 and text.count("reused: ") == len(stages), text
     # the settings are the folder's identity: other settings there are refused before anything is touched, in a
     # message that names only flags `demo` has
-    weights = (out / "teacher.safetensors").stat().st_mtime_ns
     code, text = run_cli(*[a if a != "64" else "48" for a in args])  # --train-scenes 48
     assert code == 2 and len(text.strip().splitlines()) == 1, text
     assert "--train-scenes 64, not 48" in text and f"--out {out}-small" in text
     assert set(re.findall(r"--[a-z-]+", text)) <= demo_flags()
-    assert (out / "teacher.safetensors").stat().st_mtime_ns == weights
-    # the README's table comes from a command: the same table the demo printed, and the machine it ran on
-    block = subprocess.run([sys.executable, "-m", "cskd_cache.demo.demo", str(out / "results.json")],
-                           capture_output=True, text=True, check=True).stdout
-    assert block.startswith("| student (same views, same steps) |") and results["machine"]["cpu"] in block
-    assert block.split("\n\n`cskd-cache demo")[0] in printed  # what the demo printed, table for table
+    assert {p: p.stat().st_mtime_ns for p in stage_files} == before
+    # a setting with no flag (DemoConfig.size, set from Python) is named as a setting, not as a flag
+    state = json.loads((out / "demo.json").read_text())
+    state["settings"]["size"] = 32
+    (out / "demo.json").write_text(json.dumps(state))
+    code, text = run_cli(*args)
+    assert code == 2 and "(size 32, not 64)" in text and set(re.findall(r"--[a-z-]+", text)) <= demo_flags(), text
+    # the README's tables come from a command: the table the demo printed, its settings and the machine
+    readme = subprocess.run([sys.executable, "-m", "cskd_cache.demo.readme", str(out / "results.json")],
+                            capture_output=True, text=True, check=True).stdout
+    assert readme.startswith("| student (same views, same steps) |") and results["machine"]["cpu"] in readme
+    assert readme.split("\n\n`cskd-cache demo")[0] in printed  # what the demo printed, table for table
+    key = "--train-scenes 64 --val-scenes 32 --teacher-epochs 1 --cache-epochs 1 --student-epochs 2 --batch-size 16"
+    assert f"`cskd-cache demo --out demo {key}` on " in readme
+    doc = tmp_path / "README.md"
+    doc.write_text(f"# x\n<!-- demo-results {key} -->\nold table\n<!-- /demo-results -->\nafter\n")
+    assert readme_main([str(out / "results.json"), str(doc)]) == 0  # in-process: the subprocess above ran the same
+    assert doc.read_text() == f"# x\n<!-- demo-results {key} -->\n{readme.strip()}\n<!-- /demo-results -->\nafter\n"
+    doc.write_text("<!-- demo-results -->\nthe default demo's table\n<!-- /demo-results -->\n")  # other settings
+    capsys.readouterr()
+    assert readme_main([str(out / "results.json"), str(doc)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {doc}: no '<!-- demo-results {key} -->'") and len(err.strip().splitlines()) == 1
+    assert "default demo's table" in doc.read_text()
 
 
 def demo_flags() -> set:

@@ -65,7 +65,7 @@ def test_refusals(tmp_path, image_folder, teacher_checkpoint, cache):
     (image_folder).rename(other)
     (other / "class_1" / "img_000.png").rename(other / "class_1" / "renamed.png")
     code, text = run_cli(*train_args(other, tmp_path / "r", "--cache", cache))
-    assert code == 2 and "another dataset" in text and "--force" in text
+    assert code == 2 and "another dataset" in text and "--match stem" in text and "--force" not in text
     code, text = run_cli(*train_args(other, tmp_path / "r", "--teacher-source", "cache"))
     assert code == 2 and "needs --cache" in text
 
