@@ -67,6 +67,19 @@ def read_rate(gather, views: np.ndarray, batch: int) -> tuple[float, float]:
     return done / (time.perf_counter() - t), done / max(time.process_time() - c, 1e-9)
 
 
+def fetched_per_view(cache: Cache, batch: int = 64) -> dict:
+    """Bytes a training pass fetches per view, as the shard reader fetches them (compressed chunks of the teacher
+    outputs, fingerprint and signature, plus shard indexes), and the epoch plan's stored bytes per view (read once
+    per epoch by every rank)."""
+    r = ShardReader(cache, whole_files=False)  # ranges, as from object storage: only the chunks a batch needs
+    n = cache.num_views // batch * batch
+    for a in range(0, n, batch):
+        r.gather(np.arange(a, a + batch))
+    plan = sum(cache.group[f"plan/{k}"].nbytes_stored() for k in cache.group["plan"].array_keys())
+    return {"fetched B/view (outputs + fingerprint + signature + indexes)": r.fetched / n,
+            "plan B/view (once per epoch)": plan / cache.num_views}
+
+
 def decode_rate(enc, tensors: dict, batch: int) -> float:
     reps = max(1, 4096 // batch)
     t = time.perf_counter()
@@ -107,11 +120,14 @@ def main() -> None:
                          "read views/CPU-s": best["in order"][1],
                          "read views/s (shuffled blocks)": best["shuffled blocks"][0], "decode views/s (CPU)": decode,
                          "read + decode views/s": 1 / (1 / read + 1 / decode)})
+    fetched = fetched_per_view(cache)
     load.append(os.getloadavg()[0])
     print(table(rows, list(rows[0])))
+    print(table([fetched], list(fetched)))
     path = save("read_decode", args, rows, {"views": n, "layout": cache.manifest["layout"], "threads":
                                             torch.get_num_threads(), "teacher": "efficientnet_lite0 on real photos",
-                                            "load_average_1min": {"start": load[0], "end": load[1]}}, device)
+                                            "load_average_1min": {"start": load[0], "end": load[1]}}, device,
+                fetched_bytes_per_view=fetched)
     print(f"\n{path}")
 
 

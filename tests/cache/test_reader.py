@@ -171,6 +171,7 @@ def test_http_reads_ranges_and_fewer_bytes_than_zarr(made, tmp_path):
         for a in range(0, len(epoch), 8):
             reader.gather(epoch[a:a + 8])
         assert 0 < bytes_sent(log, "/views/") < by_zarr  # each shard index once, not once per batch
+        assert reader.fetched == bytes_sent(log, "/views/")  # what benchmarks/read_decode reports per view
 
 
 def test_a_flipped_byte_raises(made, tmp_path):
