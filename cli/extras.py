@@ -14,7 +14,9 @@ ExperimentData = _choices("ExperimentData", "fashion-mnist", "elpv", "scenes")
 @app.command()
 @user_errors
 def demo(
-    out: str = typer.Option("cskd-demo", help="Folder for data, teacher, cache, runs, results.json, accuracy.png."),
+    out: str = typer.Option("cskd-demo", help="Folder for data, teacher, cache, runs, results.json, accuracy.png; "
+                                              "the same command again reuses its finished stages, other settings "
+                                              "need another folder."),
     train_scenes: int = typer.Option(4000, min=4, help="Training scenes to compose."),
     val_scenes: int = typer.Option(500, min=1, help="Validation scenes."),
     teacher_epochs: int = typer.Option(5, min=1, help="Epochs of fit-teacher."),
@@ -45,8 +47,8 @@ def experiment(
     out: Optional[str] = typer.Option(None, help="Folder for data, teacher, cache, runs, results.json/.md, plots "
                                                  "(default: cskd-experiment-DATASET, with -quick for --quick)."),
     quick: bool = typer.Option(False, help="The smallest size (seconds per run): checks that everything runs."),
-    seeds: int = typer.Option(5, min=2, help="Seeds of the four arms (paired: one seed, the same initial weights "
-                                             "and views in every arm)."),
+    seeds: int = typer.Option(5, min=2, help="Seeds of the four arms and the reuse pair (paired: one seed, the same "
+                                             "initial weights and views in every arm)."),
     workers: int = typer.Option(1, min=0, help="Data-loading worker processes (beside one compute thread on a CPU; "
                                                "more on a GPU machine)."),
     threads: int = typer.Option(1, min=1, help="torch's CPU threads (results depend on it: float sums follow the "
