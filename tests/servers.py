@@ -53,6 +53,16 @@ def _stop(proc, sig) -> None:
         proc.wait()
 
 
+def _serve_with(cmd: list, port: int, log: str, stop_signal):
+    """Starts a server process, yields (base URL, access log) once it answers, stops it with `stop_signal`."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait(port, proc)
+        yield f"http://127.0.0.1:{port}", log
+    finally:
+        _stop(proc, stop_signal)
+
+
 @contextlib.contextmanager
 def http_server(kind: str, root, workdir):
     """`kind` ("aiohttp" or "nginx") serving `root` at http://127.0.0.1:PORT/; yields (base URL, access log)."""
@@ -69,13 +79,8 @@ def aiohttp_server(root, workdir):
     os.makedirs(workdir, exist_ok=True)
     log = os.path.join(workdir, "access.log")
     open(log, "w").close()
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(root), str(port), log],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        _wait(port, proc)
-        yield f"http://127.0.0.1:{port}", log
-    finally:
-        _stop(proc, signal.SIGTERM)
+    yield from _serve_with([sys.executable, os.path.abspath(__file__), str(root), str(port), log], port, log,
+                           signal.SIGTERM)
 
 
 @contextlib.contextmanager
@@ -106,13 +111,8 @@ http {{
     }}
 }}
 """)
-    proc = subprocess.Popen([NGINX, "-c", conf, "-p", str(workdir), "-g", "daemon off;"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        _wait(port, proc)
-        yield f"http://127.0.0.1:{port}", log
-    finally:
-        _stop(proc, signal.SIGQUIT)
+    yield from _serve_with([NGINX, "-c", conf, "-p", str(workdir), "-g", "daemon off;"], port, log,
+                           signal.SIGQUIT)  # nginx's graceful stop
 
 
 def bytes_sent(log: str, contains: str = "") -> int:
