@@ -9,11 +9,18 @@ real photos (scikit-image's):
 - cache: replay pairs from the plan (each repeated image decoded once per batch, uint8 pixels and erasing draws
   out; normalise, erase and mix run on the training device), read the batch's teacher outputs from the cache, and
   fingerprint the rotating sample of views a run checks in steady state (`train --check-every 8`);
-- online: the same replay, nothing read, nothing checked (the teacher runs on the device).
+- online: the same replay, nothing read, nothing checked (the teacher runs on the device);
+- tensor loader (`--replay tensor`, a cache made with it): what its workers do: read each image's bytes, its size
+  from the header, draw the views' parameters, read the teacher outputs and compare the stored parameters (timed as
+  in a worker, whose generators are seeded per view and not saved and restored around each draw);
+- tensor device work: what `--replay tensor` moves to the training device (decode, crop + resize, flip,
+  RandAugment, normalise, erase, mix, and the checked views' fingerprints), on `--device` (default: a GPU when
+  present, else this CPU on one thread, where it says what a GPU takes off the cores, not what it costs there).
 
 Modes run in a new random order in every repeat (>= 5), so a busy machine slows them alike; the ratio is taken
 repeat by repeat, and the table shows median, min and max. Writes benchmarks/results/data_path.json with
-`plain_ms_per_view`, `cache_ms_per_view`, `online_ms_per_view` and `ratio` (cache / plain).
+`plain_ms_per_view`, `cache_ms_per_view`, `online_ms_per_view`, `ratio` (cache / plain),
+`tensor_loader_ms_per_view` and `tensor_device_cpu_ms_per_view` (`_cuda_` on a GPU).
 
     python -m benchmarks.data_path              # about 5 minutes on 2 cores
 """
@@ -35,6 +42,7 @@ from cskd_cache.data.open import open_source
 from cskd_cache.data.order import epoch_views
 from cskd_cache.data.recipe import Recipe, build_transform
 from cskd_cache.data.replay import PairDataset
+from cskd_cache.data.tensor_replay import TensorPairDataset
 from cskd_cache.data.source import LabeledImages
 from cskd_cache.teacher.precompute import PrecomputeConfig, precompute
 from cskd_cache.training.loader import CachedOutputs, RankBatches
@@ -80,9 +88,17 @@ def main() -> None:
     cache = precompute(PrecomputeConfig(data=str(data), out=f"{tmp}/cache.zarr", teacher=teacher,
                                         teacher_checkpoint=ckpt, epochs=epochs, recipe=recipe, batch_size=32,
                                         workers=0, chunk_views=64, shard_views=128, same_label_space=True))
+    tensor_cache = precompute(PrecomputeConfig(
+        data=str(data), out=f"{tmp}/tensor.zarr", teacher=teacher, teacher_checkpoint=ckpt, epochs=epochs,
+        recipe=Recipe(input_size=size, replay="tensor"), batch_size=32, workers=0, chunk_views=64, shard_views=128,
+        same_label_space=True))
     batch = min(BATCH, cache.views_per_epoch)
     pairs = PairDataset(cache_source(cache, source), recipe, cache.fingerprint_kind, cache.signature_kind)
     read = CachedOutputs(cache.url)
+    tensor_pairs = TensorPairDataset(cache_source(tensor_cache, source), tensor_cache.recipe)
+    tensor_read = CachedOutputs(tensor_cache.url)
+    tensor_batches = batches_of(tensor_cache, 8, batch)
+    tensor_collated = [tensor_read(tensor_pairs.__getitems__(b)) for b in tensor_batches]
     plain = LabeledImages(source, build_transform(recipe))
     cached_batches = batches_of(cache, 8, batch)
     online_batches = batches_of(cache, 0, batch)
@@ -101,8 +117,29 @@ def main() -> None:
     def run_online(batch):
         return len(CachedOutputs(None)(pairs.__getitems__(batch))["view"])
 
+    def run_tensor_loader(batch):
+        real = torch.utils.data.get_worker_info
+        torch.utils.data.get_worker_info = lambda: True  # a worker's draws (replay._seeded)
+        try:
+            out = tensor_read(tensor_pairs.__getitems__(batch))
+        finally:
+            torch.utils.data.get_worker_info = real
+        assert "error" not in out, out.get("error")
+        return len(out["view"])
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def run_tensor_device(collated):
+        collated = dict(collated, fingerprint=collated["fingerprint"].clone(),
+                        signature=collated["signature"].clone())
+        tensor_read.finish(tensor_pairs, collated, device)  # views made, then checked against the cache
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return len(collated["view"])
+
     modes = {"plain DeiT": (run_plain, online_batches), "cache": (run_cache, cached_batches),
-             "online": (run_online, online_batches)}
+             "online": (run_online, online_batches), "tensor loader": (run_tensor_loader, tensor_batches),
+             f"tensor device work ({device.type})": (run_tensor_device, tensor_collated)}
     for fn, batches in modes.values():  # warm-up: imports, caches opened, first-use allocations
         fn(batches[0])
     per = {m: [] for m in modes}
@@ -129,6 +166,9 @@ def main() -> None:
                 plain_ms_per_view=statistics.median(per["plain DeiT"]),
                 cache_ms_per_view=statistics.median(per["cache"]),
                 online_ms_per_view=statistics.median(per["online"]), ratio=statistics.median(ratios),
+                tensor_loader_ms_per_view=statistics.median(per["tensor loader"]),
+                **{f"tensor_device_{device.type}_ms_per_view":
+                   statistics.median(per[f"tensor device work ({device.type})"])},
                 per_repeat=per)
     print(f"\n{path}")
 

@@ -9,6 +9,10 @@ synchronises, so this counts the places that would on a GPU; on a GPU the run al
 `torch.cuda.set_sync_debug_mode("warn")`. The one read every `check_every` steps (loss finiteness and the
 progress bar) is by design and shown separately.
 
+Also counted: precompute's ckf encode of one teacher batch (1000 classes, 7x7, 64 views), the plain call and the
+sync-free one precompute makes (`deferred=True`: a bounded analysis whose check and spill rows are read when the
+outputs reach the host anyway), with `nonzero` counted too.
+
     python -m benchmarks.syncs
 """
 
@@ -97,9 +101,44 @@ def main() -> None:
     steady = [r["syncs"] for r in rows[1:] if not r["check step"]]
     print(table(rows, ["step", "syncs", "check step", "where"]))
     print(f"\nsteady-state steps (not check steps): {max(steady) if steady else 0} syncs at most")
+    encode = encode_syncs(device)
+    print(table(encode, ["precompute encode (one batch)", "syncs", "where"]))
     path = save("syncs", args, rows, {"steps": steps, "check_every": 5, "mode": "cache, ckf, hard, EMA on"},
-                device, steady_state_max=max(steady) if steady else 0)
+                device, steady_state_max=max(steady) if steady else 0,
+                precompute_encode_syncs={r["precompute encode (one batch)"]: r["syncs"] for r in encode})
     print(path)
+
+
+def encode_syncs(device: torch.device) -> list[dict]:
+    """Host reads made by cache/ckf.py while encoding one realistic teacher batch, plain and deferred."""
+    from cskd_cache.cache.encodings import make_encoding
+
+    torch.manual_seed(0)
+    dense = (torch.randn(64, 1, 1000) * 4 + torch.randn(64, 49, 1000)).to(device)
+    glob, ckf = dense.mean(1), make_encoding("ckf", 1000, 49)
+    methods = (*METHODS, "nonzero")
+    real = {m: getattr(torch.Tensor, m) for m in methods}
+    rows = []
+    for deferred in (False, True):
+        counts = collections.Counter()
+
+        def counting(name):
+            def f(self, *a, **kw):
+                if sys._getframe(1).f_code.co_filename.endswith("cskd_cache/cache/ckf.py"):
+                    counts[name] += 1
+                return real[name](self, *a, **kw)
+            return f
+
+        for m in methods:
+            setattr(torch.Tensor, m, counting(m))
+        try:
+            ckf.encode(dense, glob, deferred=deferred)
+        finally:
+            for m in methods:
+                setattr(torch.Tensor, m, real[m])
+        rows.append({"precompute encode (one batch)": "deferred (precompute)" if deferred else "plain",
+                     "syncs": sum(counts.values()), "where": ", ".join(f"{k} x{v}" for k, v in counts.items()) or "-"})
+    return rows
 
 
 if __name__ == "__main__":

@@ -106,6 +106,10 @@ TeacherSource = _choices("TeacherSource", "cache", "online", "none")
 LossType = _choices("LossType", "hard", "soft")
 AlphaSchedule = _choices("AlphaSchedule", "linear", "x2", "cos", "local")
 Match = _choices("Match", "key", "stem", "content")
+Replay = _choices("Replay", "pil", "tensor")
+REPLAY_HELP = ("How views are made: pil (timm's transform in the loader workers) | tensor (timm's draws in the "
+               "workers, pixels by torch kernels on the training device: decode, crop, RandAugment; for GPU nodes "
+               "whose cores cannot feed the student). A cache is used with the backend that made it.")
 MATCH_HELP = ("How --data's images are found for the cache's samples: key (the same packaging), stem (file names "
               "without folders and extensions: another packaging of the same images), content (sha256 of each "
               "file; needs precompute --content-hash).")

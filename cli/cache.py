@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from .app import MATCH_HELP, Encoding, Match, Precision, app, config_option, default_workers, fail, user_errors
+from .app import (MATCH_HELP, REPLAY_HELP, Encoding, Match, Precision, Replay, app, config_option, default_workers,
+                  fail, user_errors)
 
 
 @app.command()
@@ -36,6 +37,7 @@ def precompute(
                                                "length unchanged (DeiT and CSKD: 3; 1 = off)."),
     seed: int = typer.Option(0, help="Plan seed."),
     input_size: int = typer.Option(224, min=16, help="Augmented view size in pixels."),
+    replay: Replay = typer.Option("pil", case_sensitive=False, help=REPLAY_HELP),
     auto_augment: str = typer.Option("rand-m9-mstd0.5-inc1", "--auto-augment", "--aa",
                                      help="timm auto-augment spec, or 'none'."),
     re_prob: float = typer.Option(0.25, "--re-prob", "--reprob", min=0.0, max=1.0,
@@ -48,7 +50,8 @@ def precompute(
                                       help="Probability of cutmix when both are on."),
     smoothing: float = typer.Option(0.1, min=0.0, max=0.99, help="Label smoothing of the mixed targets (recorded "
                                                                  "for training)."),
-    batch_size: int = typer.Option(64, min=2, help="Views per teacher batch (even)."),
+    batch_size: Optional[int] = typer.Option(None, min=2, help="Views per teacher batch (even; default 256 on a "
+                                                                "GPU, 64 on a CPU)."),
     workers: int = typer.Option(default_workers(), min=0, help="Data-loading worker processes (default: the "
                                                                "cores available, at most 8)."),
     chunk_views: int = typer.Option(64, min=2, help="Views per Zarr chunk (even)."),
@@ -79,7 +82,7 @@ def precompute(
     encoding, teacher_precision = encoding.value, teacher_precision.value
     recipe = Recipe(input_size=input_size, auto_augment=None if auto_augment.lower() == "none" else auto_augment,
                     re_prob=re_prob, mixup_alpha=mixup, cutmix_alpha=cutmix, mix_prob=mix_prob,
-                    switch_prob=switch_prob, label_smoothing=smoothing)
+                    switch_prob=switch_prob, label_smoothing=smoothing, replay=replay.value)
     cfg = PrecomputeConfig(data=data, out=out, teacher=teacher, pretrained=pretrained,
                            teacher_checkpoint=teacher_checkpoint, epochs=epochs, encoding=encoding,
                            ckf_width=ckf_width, topk=topk, global_topk=global_topk, repeats=repeats, seed=seed,

@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from .app import (MATCH_HELP, AlphaSchedule, FixedPrecision, LossType, Match, TeacherSource, app, config_option,
-                  default_workers, plain, user_errors)
+from .app import (MATCH_HELP, REPLAY_HELP, AlphaSchedule, FixedPrecision, LossType, Match, Replay, TeacherSource, app,
+                  config_option, default_workers, plain, user_errors)
 
 _STUDENTS = "deit_ti | deit_s | deit_b (timm's distilled DeiTs), deit_demo (DeiT-Ti at width 96, depth 4), or any " \
             "timm ViT with a distillation token"
@@ -78,6 +78,8 @@ def train(
     plan_epochs: Optional[int] = typer.Option(None, min=1, help="Without a cache: augmented epochs of the plan, "
                                                                 "cycled (default: --epochs, fresh views every epoch)."),
     input_size: Optional[int] = typer.Option(None, min=16, help="Without a cache: view size (default 224)."),
+    replay: Optional[Replay] = typer.Option(None, case_sensitive=False,
+                                            help=REPLAY_HELP + " Default: the cache's; pil without one."),
     max_steps: Optional[int] = typer.Option(None, min=1, help="Cap steps per epoch (quick runs)."),
     stop_after: Optional[int] = typer.Option(None, min=1, help="Stop after this many epochs; --resume continues."),
 ):

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).parents[1]
 BENCHMARKS = ["storage", "dense_agreement", "train_throughput", "read_decode", "precompute_throughput", "replay",
-              "syncs", "memory", "scale", "drift", "data_path"]
+              "syncs", "memory", "scale", "drift", "data_path", "backend_agreement"]
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)

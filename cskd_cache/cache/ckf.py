@@ -86,6 +86,32 @@ def ckf_candidates(d: Tensor, g: Tensor, eps: Tensor | None = None) -> Tensor:
     return (out_gap <= eps) & ~_duplicates(d0, g0)
 
 
+def _chain_bounded(d: Tensor, g: Tensor, eps: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """`ckf_candidates` without host syncs: `steps` chain steps for every row, finished rows frozen with
+    torch.where instead of compacted (the same per-row arithmetic, so the same bits). Returns (candidates, done):
+    `done` is a device bool, False when some row's chain is longer than `steps` (then the result is not used)."""
+    d0, g0, s = d, g, d - g
+    gap = torch.minimum(d.amax(-1, keepdim=True) - d, g.amax(-1, keepdim=True) - g)
+    v, m = d, d.amax(-1, keepdim=True)
+    w = torch.where(v == m, s, torch.inf).argmin(-1, keepdim=True)
+    a = torch.ones_like(m)
+    active = torch.ones_like(m, dtype=torch.bool)
+    for step in range(steps + 1):
+        sw = s.gather(-1, w)
+        cross = torch.where(s < sw, a - (m - v) / (sw - s), -torch.inf)
+        nxt = cross.amax(-1, keepdim=True)
+        active = active & (nxt > 0)
+        if step == steps:  # one more look: a row still active here has breakpoints left
+            break
+        w = torch.where(active, torch.where(cross == nxt, s, torch.inf).argmin(-1, keepdim=True), w)
+        a = torch.where(active, nxt, a)
+        v_new = (1 - a) * g + a * d
+        m_new = v_new.amax(-1, keepdim=True)
+        gap = torch.where(active, torch.minimum(gap, m_new - v_new), gap)
+        v, m = torch.where(active, v_new, v), torch.where(active, m_new, m)
+    return (gap <= eps) & ~_duplicates(d0, g0), ~active.any()
+
+
 def _duplicates(d: Tensor, g: Tensor) -> Tensor:
     """bool [N, K]: True where a lower class index has the same stored (d, g). Their fused values are bitwise
     identical at every alpha and argmax takes the first index, so these can never win."""
@@ -131,6 +157,26 @@ def candidates(d: Tensor, g: Tensor) -> Tensor:
     return torch.zeros(N, K, dtype=torch.bool, device=d.device).scatter_(-1, sub, found)
 
 
+# The bounded analysis (precompute on a GPU): survivors of the filter analysed per row, and chain steps. Real
+# teachers keep about 5-20 survivors and walk 2-4 steps per position (7x7, 1000 classes); a batch beyond either
+# bound is redone by the exact, syncing path.
+BOUNDED_WIDTH, BOUNDED_STEPS = 48, 12
+
+
+def candidates_bounded(d: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """`candidates` with fixed shapes and no host syncs: (candidates [N, K], ok): `ok` (a device bool) is False when
+    a row had more than BOUNDED_WIDTH survivors or a longer chain than BOUNDED_STEPS; the caller then uses
+    `candidates`. Where ok, the result equals `candidates`' bit for bit (the same analysis on the same classes)."""
+    N, K = d.shape
+    eps = _eps(d, g)
+    keep = _may_win(d, g, eps)
+    width = min(BOUNDED_WIDTH, K)
+    sub = torch.topk(keep.to(d.dtype), width, -1).indices.sort(-1).values
+    found, done = _chain_bounded(d.gather(-1, sub).double(), g.gather(-1, sub).double(), eps, BOUNDED_STEPS)
+    ok = done & (keep.sum(-1) <= width).all()
+    return torch.zeros(N, K, dtype=torch.bool, device=d.device).scatter_(-1, sub, found), ok
+
+
 class CKFEncoding(Encoding):
     name = "ckf"
     absent_classes = ("dense: only the classes that can be the CKF target for some alpha in [0, 1] are stored "
@@ -163,17 +209,25 @@ class CKFEncoding(Encoding):
                 "ckf_count": ArraySpec((P,), "uint8", 0), "global_class": ArraySpec((G,), self.cdtype, -1),
                 "global_value": ArraySpec((G,), "float32", math.nan), "global_lse": ArraySpec((), "float32", math.nan)}
 
-    def encode(self, dense, global_):
+    def encode(self, dense, global_, deferred: bool = False):
+        """-> (arrays, spill rows or None). `deferred` (precompute): no host sync; the spill comes as a fixed
+        number of rows with its true `count`, and `arrays["ok"]` (a device bool) says whether the bounded analysis
+        held; `settle` then gives what the plain call gives, reading both where the arrays reach the host."""
         d16, g32 = _check_inputs(self, dense, global_)
         B, P, K = d16.shape
         N, W, G, k, dev = B * P, self.params["ckf_width"], self.params["global_width"], self.params["global_topk"], \
             d16.device
         work = torch.device("cpu") if dev.type == "mps" else dev  # mps has no float64
-        cand = torch.empty(N, K, dtype=torch.bool, device=work)
         dw, gw, step = d16.to(work).reshape(N, K), g32.to(work), max(1, _CHUNK // K)
+        cand, ok = torch.empty(N, K, dtype=torch.bool, device=work), torch.ones((), dtype=torch.bool, device=work)
         for i in range(0, N, step):
             j = min(i + step, N)
-            cand[i:j] = candidates(dw[i:j].float(), gw[torch.arange(i, j, device=work) // P])
+            rows = (dw[i:j].float(), gw[torch.arange(i, j, device=work) // P])
+            if deferred:
+                cand[i:j], held = candidates_bounded(*rows)
+                ok = ok & held
+            else:
+                cand[i:j] = candidates(*rows)
         cand, gw = cand.to(dev), g32
         count = cand.sum(-1)
         # the table: global top-k, then the other candidate classes, by global logit (ties: lower class first)
@@ -202,11 +256,31 @@ class CKFEncoding(Encoding):
                "global_class": table.to(_torch_dtype(self.cdtype)),
                "global_value": gw.gather(1, table.clamp(min=0)).masked_fill(table < 0, math.nan),
                "global_lse": torch.logsumexp(gw, -1)}
+        if deferred:
+            # a fixed number of rows, spilled positions first in order (stable sort: no nonzero, no sync); their
+            # true count travels with them, and more than fit means the plain call (settle)
+            rows = min(N, max(64, N // 8))
+            over = torch.sort((~spilled).to(torch.uint8), stable=True).indices[:rows]
+            view, pos = over // P, over % P
+            out["ok"] = ok.to(dev)
+            return out, {"view": view, "pos": pos, "dense": d16[view, pos], "global": g32[view],
+                         "count": spilled.sum()}
         over = spilled.nonzero()[:, 0]
         if not over.numel():
             return out, None
         view, pos = over // P, over % P
         return out, {"view": view, "pos": pos, "dense": d16[view, pos], "global": g32[view]}
+
+    def settle(self, arrays: dict, spill: dict, dense, global_) -> tuple[dict, dict | None]:
+        """A deferred encode's host arrays (numpy) -> exactly what `encode(dense, global_)` gives, as numpy: the
+        spill cut to its count, or, where the bounded analysis did not hold or the spill did not fit, the plain
+        encode again (rare; `dense` and `global_` are the same tensors)."""
+        count = int(spill.pop("count"))
+        if not bool(arrays.pop("ok")) or count > len(spill["view"]):
+            out, rows = self.encode(dense, global_)
+            out = {k: v.cpu().numpy() for k, v in out.items()}
+            return out, None if rows is None else {k: v.cpu().numpy() for k, v in rows.items()}
+        return arrays, ({k: v[:count] for k, v in spill.items()} if count else None)
 
     def decode_targets(self, arrays, alpha, spill=None):
         alpha = _check_alpha(alpha)

@@ -78,7 +78,7 @@ def format_description(info: dict) -> str:
 def _recipe_line(r: dict) -> str:
     keys = ("input_size", "interpolation", "scale", "hflip", "auto_augment", "re_prob", "mixup_alpha", "cutmix_alpha",
             "mix_prob", "switch_prob", "label_smoothing")
-    return "  ".join(f"{k} {r.get(k)}" for k in keys if k in r)
+    return "  ".join(f"{k} {r.get(k)}" for k in keys if k in r) + f"  replay {r.get('replay', 'pil')}"
 
 
 def _ranges(epochs) -> str:

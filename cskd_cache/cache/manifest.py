@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 
 FORMAT = "cskd-cache"
-FORMAT_VERSION = 3  # what new caches are: a 64-byte sketch signature, ckf slots that may take 2 bytes
+FORMAT_VERSION = 4  # the newest this version reads and writes: 4 = 3 + per-view augmentation parameters (--replay tensor)
+PIL_FORMAT_VERSION = 3  # what --replay pil caches are: a 64-byte sketch signature, ckf slots that may take 2 bytes
 ATTR = "cskd_cache"
 # Manifest sections that must match for a resumed run to write into an existing cache.
 IDENTITY = ("teacher", "dataset", "recipe", "plan", "encoding", "layout", "grid", "num_classes", "bad_samples")

@@ -33,16 +33,18 @@ from ..data.source import key_str
 from ..errors import CacheError
 from .encoding import Encoding
 from .encodings import encoding_from_description
-from .manifest import (ATTR, FORMAT, FORMAT_VERSION, IDENTITY, identity, make_layout,  # noqa: F401 - re-exported
+from .manifest import (ATTR, FORMAT, FORMAT_VERSION, IDENTITY, PIL_FORMAT_VERSION, identity, make_layout,  # noqa: F401 - re-exported
                        manifest_mismatch, run_marker, without_epochs)
 from .reader import ShardReader
 
-def replay_specs(signature_kind: str = "sketch64") -> dict:
-    """The per-view replay records: a 64-bit pixel hash, and a signature whose width its kind says."""
-    return {"fingerprint": ((), "int64"), "signature": ((SIGNATURES[signature_kind][2],), "int8")}
+def replay_specs(signature_kind: str = "sketch64", params_width: int = 0) -> dict:
+    """The per-view replay records: a 64-bit pixel hash, a signature whose width its kind says and, in caches made
+    with --replay tensor (format 4), each view's augmentation parameters (data/params.py: one int32 row)."""
+    specs = {"fingerprint": ((), "int64"), "signature": ((SIGNATURES[signature_kind][2],), "int8")}
+    if params_width:
+        specs["params"] = ((params_width,), "int32")
+    return specs
 
-
-REPLAY = replay_specs()  # what a new cache stores
 
 _PLAN_FIELDS = {"sample": "int64", "seed": "int64", "partner": "int64", "lam": "float32", "mode": "int8",
                 "box": "int16"}
@@ -124,8 +126,8 @@ class Cache:
             self.encoding: Encoding = encoding_from_description(manifest["encoding"], manifest["num_classes"],
                                                                 grid[0] * grid[1])
             self._arrays = {name: group[f"views/{name}"] for name in self.encoding.arrays()}
-            self.replay_names = [n for n in REPLAY if n == "fingerprint" or n in manifest.get("replay", [])]
-            self.replay_specs = replay_specs(self.signature_kind)
+            self.replay_specs = replay_specs(self.signature_kind, int(manifest.get("params", {}).get("width", 0)))
+            self.replay_names = [n for n in self.replay_specs if n == "fingerprint" or n in manifest.get("replay", [])]
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise CacheError(f"{url}: the manifest is damaged or inconsistent ({type(e).__name__}: {e}); the cache "
                              "cannot be read") from None

@@ -11,7 +11,8 @@ from ..data.matching import match_samples
 from ..data.open import open_source
 from ..data.fingerprint import replay_matches, replay_tolerance, signature_distance
 from ..data.recipe import library_drift
-from ..data.replay import PairDataset, pair_items
+from ..data.replay import pair_items
+from ..data.views import pair_dataset
 from ..errors import CacheError
 from .files import check_files
 from .inspect import _ranges
@@ -38,7 +39,7 @@ def replayer(cache: Cache, source, match: str):
     """A function view -> the replayed pair (dict as PairDataset gives it), over the cache's samples in --data."""
     ids, _ = match_samples(cache.sample_keys(), cache.sample_labels(), source, match,
                            cache.sample_hashes() if match == "content" else None)
-    dataset = PairDataset(source.subset(ids), cache.recipe, cache.fingerprint_kind, cache.signature_kind)
+    dataset = pair_dataset(source.subset(ids), cache.recipe, cache.fingerprint_kind, cache.signature_kind)
 
     def replay(v: int) -> dict:
         got = dataset[pair_items(cache.epoch_plan, [v, v + 1], cache.stride)[0]]

@@ -23,8 +23,8 @@ from ..data.source import key_bytes
 from ..errors import CacheError
 from .encoding import Encoding
 from .files import write_checksums
-from .store import (ATTR, REPLAY, _PLAN_FIELDS, Cache, _codecs, _local_root, make_layout, open_group,
-                    read_manifest)
+from .store import (ATTR, _PLAN_FIELDS, Cache, _codecs, _local_root, make_layout, open_group, read_manifest,
+                    replay_specs)
 
 
 def remove_cache(url: str) -> None:
@@ -50,8 +50,10 @@ def create_cache(url: str, manifest: dict, keys: list[str], labels: list[int], e
     samples (300 epochs of ImageNet are 14 GB of plan). Each creation gets a run id; shard markers carry it, so
     shards another run wrote never count as done."""
     manifest = dict(manifest, status="creating", created=_dt.datetime.now(_dt.timezone.utc).isoformat(),
-                    tool_version=__version__, spill_shards=[], run_id=uuid.uuid4().hex, replay=list(REPLAY),
-                    fingerprint="sha1-int16", signature="sketch64")
+                    tool_version=__version__, spill_shards=[], run_id=uuid.uuid4().hex, fingerprint="sha1-int16",
+                    signature="sketch64")
+    specs = replay_specs("sketch64", int(manifest.get("params", {}).get("width", 0)))
+    manifest["replay"] = list(specs)
     if overwrite:
         remove_cache(url)
     # one write of zarr.json that already carries the manifest: there is no moment where it is a bare group
@@ -71,7 +73,7 @@ def create_cache(url: str, manifest: dict, keys: list[str], labels: list[int], e
         shape = (epochs, vpe, 4) if f == "box" else (epochs, vpe)
         group.create_array(f"plan/{f}", shape=shape, chunks=(1,) + shape[1:], dtype=dt, fill_value=0,
                            compressors=_codecs(dt, level=PLAN_LEVEL))
-    for name, (shape, dtype) in REPLAY.items():
+    for name, (shape, dtype) in specs.items():
         group.create_array(f"views/{name}", shape=(total, *shape), chunks=(chunk_views, *shape),
                            shards=(shard_views, *shape), dtype=dtype, fill_value=0, compressors=_codecs(dtype))
     for name, spec in encoding.arrays().items():

@@ -40,10 +40,16 @@ class Recipe:
     mix_prob: float = 1.0
     switch_prob: float = 0.5
     label_smoothing: float = 0.1
+    # How the recipe's pixels are made: PIL in the loader workers (timm's transform itself), or "tensor": timm's
+    # draws applied by torch kernels on the training device (data/tensor_replay.py). Another backend gives other
+    # pixels, so it is part of what a cache is; recorded only when it is not "pil" (older caches stay the same).
+    replay: str = "pil"
     library_versions: dict = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if d["replay"] == "pil":
+            del d["replay"]
         d["library_versions"] = library_versions()
         return d
 
@@ -71,6 +77,8 @@ class Recipe:
             bad.append(f"--input-size {self.input_size} (at least 16 pixels)")
         if not 0.0 < self.scale[0] <= self.scale[1] <= 1.0 or not 0.0 < self.ratio[0] <= self.ratio[1]:
             bad.append(f"scale {self.scale} / ratio {self.ratio}")
+        if self.replay not in ("pil", "tensor"):
+            bad.append(f"--replay {self.replay!r} (pil or tensor)")
         if self.re_count < 1:
             bad.append(f"re_count {self.re_count} (>= 1)")
         if bad:

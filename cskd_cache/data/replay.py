@@ -31,7 +31,14 @@ from .recipe import Recipe, build_transform
 
 @contextlib.contextmanager
 def _seeded(seed: int):
-    """Seed the three global generators timm draws from, and put the caller's states back afterwards."""
+    """Seed the three global generators timm draws from, and put the caller's states back afterwards (not in a
+    DataLoader worker: its generators serve replay alone, and saving and restoring them costs ~70 us a view)."""
+    if torch.utils.data.get_worker_info() is not None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.random.default_generator.manual_seed(seed)
+        yield
+        return
     py, npy, th = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -12,7 +12,7 @@ import queue
 from concurrent.futures import ThreadPoolExecutor
 import threading
 from functools import lru_cache
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -25,8 +25,10 @@ from ..cache.share import parse_epochs
 from ..data.matching import content_hash
 from ..data.open import open_source
 from ..data.recipe import Recipe
+from ..data.params import Drawer
 from ..data.plan import make_epoch_plan
-from ..data.replay import PairDataset, collate_pairs, pair_items
+from ..data.replay import collate_pairs, pair_items
+from ..data.views import pair_dataset
 from ..data.source import find_bad_images
 from ..distributed import Dist, init_distributed
 from ..errors import CacheError
@@ -48,7 +50,9 @@ class PrecomputeConfig:
     repeats: int = 3  # DeiT's and CSKD's repeated augmentation
     seed: int = 0
     recipe: Recipe = field(default_factory=Recipe)
-    batch_size: int = 64  # views per teacher batch (even: views come in mixing pairs)
+    # views per teacher batch (even: views come in mixing pairs); None: 256 on a GPU (fewer, larger launches keep it
+    # busy; a forward without gradients holds one batch's activations), 64 on a CPU (more only costs memory there)
+    batch_size: int | None = None
     workers: int = 4
     chunk_views: int = 64
     shard_views: int = 2048
@@ -78,7 +82,7 @@ def check_label_space(data_classes: int, max_label: int, teacher_classes: int, s
 
 def _check(cfg: PrecomputeConfig) -> None:
     """Every value where it enters: nothing invalid is ever recorded in a manifest."""
-    if cfg.batch_size < 2 or cfg.batch_size % 2:
+    if cfg.batch_size is not None and (cfg.batch_size < 2 or cfg.batch_size % 2):
         raise CacheError("--batch-size must be an even number >= 2 (views are mixed in pairs)")
     if cfg.chunk_views < 2 or cfg.chunk_views % 2 or cfg.shard_views % cfg.chunk_views:
         raise CacheError("--shard-views must be a multiple of --chunk-views, and both even")
@@ -89,6 +93,8 @@ def _check(cfg: PrecomputeConfig) -> None:
     if cfg.encoding not in ENCODINGS:
         raise CacheError(f"--encoding {cfg.encoding!r}: use one of {', '.join(ENCODINGS)}")
     cfg.recipe.check()
+    if cfg.recipe.replay == "tensor":
+        Drawer(cfg.recipe)  # refuses, before any work, a recipe the tensor kernels cannot express
 
 
 def _existing_manifest(out: str) -> dict | None:
@@ -104,8 +110,11 @@ def _existing_manifest(out: str) -> dict | None:
 def build_manifest(cfg: PrecomputeConfig, source, teacher_info: dict, grid, num_classes: int,
                    bad: list[str], encoding) -> dict:
     params = cfg.recipe.plan_params(len(source), cfg.epochs, cfg.seed, cfg.repeats)
+    tensor = cfg.recipe.replay == "tensor"  # format 4: each view's augmentation parameters are stored
+    extra = {"params": Drawer(cfg.recipe).describe()} if tensor else {}
     return {
-        "format": store.FORMAT, "format_version": store.FORMAT_VERSION,
+        "format": store.FORMAT, "format_version": store.FORMAT_VERSION if tensor else store.PIL_FORMAT_VERSION,
+        **extra,
         "teacher": dict(teacher_info, input_size=cfg.recipe.input_size),
         "dataset": source.describe(),
         "recipe": cfg.recipe.to_dict(),
@@ -117,8 +126,42 @@ def build_manifest(cfg: PrecomputeConfig, source, teacher_info: dict, grid, num_
     }
 
 
+class _Pending:
+    """A batch's encoded outputs on their way to the host: on CUDA the copies start into pinned memory and an event
+    marks them, so the next teacher batch is queued without waiting; the writer thread settles them (waits for the
+    event, then, for ckf, `settle`s the sync-free encode: the exact encode again in the rare batch that needs it)."""
+
+    def __init__(self, encoding, arrays: dict, spill: dict | None, inputs: tuple | None):
+        self.event, self.settled = None, None
+        self.encoding, self.arrays, self.spill, self.inputs = encoding, arrays, spill, inputs
+        if any(v.is_cuda for v in arrays.values()):
+            self.arrays, self.spill = _pinned(arrays), None if spill is None else _pinned(spill)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:  # nothing to wait for on a CPU: settle now, and hold no teacher outputs (200 KB a view at 1000 classes)
+            self.settled = self.settle()
+
+    def settle(self) -> tuple[dict, dict | None]:
+        if self.settled is not None:
+            return self.settled
+        if self.event is not None:
+            self.event.synchronize()
+        arrays = {k: v.numpy() for k, v in self.arrays.items()}
+        spill = None if self.spill is None else {k: v.numpy() for k, v in self.spill.items()}
+        if self.inputs is not None:  # a deferred (sync-free) ckf encode
+            arrays, spill = self.encoding.settle(arrays, spill, *self.inputs)
+        self.arrays = self.spill = self.inputs = None
+        return arrays, spill
+
+
+def _pinned(tensors: dict) -> dict:
+    return {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True) if v.is_cuda
+            else v for k, v in tensors.items()}
+
+
 class _Writer(threading.Thread):
-    """Writes finished shards in the background so the teacher never waits on storage."""
+    """Writes finished shards in the background so the teacher never waits on storage (nor on its outputs'
+    copies to the host: the writer settles them, `_Pending`)."""
 
     def __init__(self, cache: store.Cache):
         super().__init__(daemon=True)
@@ -128,7 +171,7 @@ class _Writer(threading.Thread):
         while (job := self.jobs.get()) is not None:
             if self.error is None:
                 try:
-                    write.write_shard(self.cache, *job)
+                    write.write_shard(self.cache, *_assemble(self.cache, *job))
                 except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
                     self.error = e
 
@@ -154,6 +197,8 @@ def precompute(cfg: PrecomputeConfig, dist: Dist | None = None) -> store.Cache:
     _check(cfg)
     dist = dist or init_distributed()
     device = dist.device(cfg.device)
+    if cfg.batch_size is None:
+        cfg = replace(cfg, batch_size=256 if device.type == "cuda" else 64)
     source = open_source(cfg.data)
     teacher, teacher_info = create_teacher(cfg.teacher, pretrained=cfg.pretrained,
                                            checkpoint=cfg.teacher_checkpoint, view_mean=cfg.recipe.mean,
@@ -287,7 +332,7 @@ def _run_shards(cfg, cache: store.Cache, source, teacher, encoding, dist: Dist, 
     if cfg.max_shards is not None:
         mine = mine[: cfg.max_shards]
     batches = ShardBatches(cache, mine, cfg.batch_size)
-    dataset = PairDataset(source, cache.recipe, cache.fingerprint_kind, cache.signature_kind)
+    dataset = pair_dataset(source, cache.recipe, cache.fingerprint_kind, cache.signature_kind)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate_pairs,
         pin_memory=device.type == "cuda", persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
@@ -307,26 +352,28 @@ def _run_shards(cfg, cache: store.Cache, source, teacher, encoding, dist: Dist, 
                 raise CacheError(f"--data: {batch['error']}")
             first = int(batch["view"][0])
             if parts and first // cache.shard_views != shard:  # the previous shard is whole: hand it to the writer
-                writer.put(_assemble(cache, shard, parts))
+                writer.put((shard, parts))
                 parts = []
             shard = first // cache.shard_views
             x = dataset.finish(batch, device)  # normalise, erase, mix: on the device, as training does
             if use_amp:
                 x = x.contiguous(memory_format=torch.channels_last)
             dense, glob = teacher(x)  # under the teacher's own precision (autocast inside)
-            enc, spill = encoding.encode(dense, glob)
+            # ckf encodes without a host sync (a bounded analysis, checked when its outputs reach the host)
+            deferred = encoding.name == "ckf"
+            enc, spill = encoding.encode(dense, glob, deferred=True) if deferred else encoding.encode(dense, glob)
             replay = {k: batch[k].numpy() for k in cache.replay_names}  # format 1 (resumed): fingerprint only
-            parts.append(({k: v.cpu().numpy() for k, v in enc.items()}, replay,
-                          None if spill is None else {k: v.cpu().numpy() for k, v in spill.items()}, first))
+            parts.append((_Pending(encoding, enc, spill, (dense, glob) if deferred else None), replay, first))
             bar.update(len(x))
         if parts:
-            writer.put(_assemble(cache, shard, parts))
+            writer.put((shard, parts))
     finally:
         bar.close()
     writer.close()
 
 
-def _assemble(cache: store.Cache, shard: int, parts: list) -> tuple:
+def _assemble(cache: store.Cache, shard: int, pending: list) -> tuple:
+    parts = [(arrays, replay, spill, first) for p, replay, first in pending for arrays, spill in [p.settle()]]
     start, _ = cache.shard_range(shard)
     arrays = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
     replay = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}

@@ -16,6 +16,7 @@ epoch's plan matches its parameters, each replayed view's pixels are the ones th
 
 from __future__ import annotations
 
+import functools
 import torch
 
 from ..cache.encoding import Encoding
@@ -24,7 +25,7 @@ from ..data.matching import match_samples
 from ..data.open import open_source
 from ..data.order import epoch_views
 from ..data.recipe import Recipe
-from ..data.replay import PairDataset
+from ..data.views import pair_dataset
 from ..errors import CacheError
 from .engine import TeacherTargets
 from .loader import RankBatches, epoch_loader
@@ -97,9 +98,9 @@ class CachedViews:
         replay drift beyond the tolerance raises CacheError."""
         key = (workers, pin_memory)
         if key not in self._loaders:
-            dataset = PairDataset(self.source, self.recipe, self.cache.fingerprint_kind, self.cache.signature_kind)
-            self._loaders[key] = (epoch_loader(dataset, self._batches, self.url, workers, pin_memory,
-                                               self.tolerance), dataset.finish)
+            dataset = pair_dataset(self.source, self.recipe, self.cache.fingerprint_kind, self.cache.signature_kind)
+            loader = epoch_loader(dataset, self._batches, self.url, workers, pin_memory, self.tolerance)
+            self._loaders[key] = (loader, functools.partial(loader.collate_fn.finish, dataset))
         return _Checked(*self._loaders[key], torch.device(device))
 
     def targets(self, batch: dict, device="cpu") -> torch.Tensor:

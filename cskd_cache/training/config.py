@@ -47,6 +47,7 @@ class TrainConfig:
     max_steps: int | None = None  # per epoch, for quick runs
     stop_after: int | None = None  # stop (resumably) once this many epochs are done: budgets, resume tests
     input_size: int | None = None  # no cache: the view size (default 224); a cache brings its own recipe
+    replay: str | None = None  # replay backend, pil | tensor (None: the cache's; pil without a cache)
     match: str = "key"  # how --data's images are matched to the cache's samples: key | stem | content
     replay_tolerance: float | None = None  # signature distance a replayed view may drift by (None: the cache's
     # signature's default; 0: exact pixels only)

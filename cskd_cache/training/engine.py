@@ -30,7 +30,7 @@ class TeacherTargets:
             return {}
         spill = None
         if self.teacher is not None:
-            dense, glob = self.teacher(x)
+            dense, glob = self.teacher(x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x)
             arrays, spill = self.encoding.encode(dense, glob)
         else:
             arrays = {k: v.to(x.device, non_blocking=True) for k, v in batch["teacher"].items()}
@@ -64,9 +64,9 @@ def train_one_epoch(model, criterion: CSKDLoss, loader, optimizer, device: torch
     for step, batch in enumerate(bar):
         if "error" in batch:
             raise CacheError(batch["error"])
-        if "drift" in batch:
-            drift = [drift[0] + int(batch["drift"][0]), max(drift[1], float(batch["drift"][1]))]
         x = finish(batch, device) if finish is not None else batch["image"].to(device, non_blocking=True)
+        if "drift" in batch:  # after `finish`: views made on the device are checked there
+            drift = [drift[0] + int(batch["drift"][0]), max(drift[1], float(batch["drift"][1]))]
         target = mixup_target(batch["label"].to(device, non_blocking=True),
                               batch["partner_label"].to(device, non_blocking=True),
                               batch["lam"].to(device, non_blocking=True), num_classes, smoothing)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..cache.store import Cache, to_torch
+from ..errors import CacheError
 from ..data.fingerprint import replay_matches, replay_tolerance, signature_distance
 from ..data.recipe import library_drift
 from ..data.replay import PairDataset, collate_pairs, pair_items
@@ -49,30 +50,27 @@ class CachedOutputs:
             shards = sorted({int(v) // cache.shard_views for v in views})
             return {"error": f"--cache {self.url}: reading views of shard(s) {shards} failed ({type(e).__name__}: "
                              f"{str(e)[:160]}); the cache is damaged there: run `cskd-cache verify {self.url}`"}
-        stored, got = replay["fingerprint"], batch["fingerprint"].numpy()
+        stored = replay["fingerprint"]
         if (stored == 0).any():  # the fill value: a shard file that is gone (a real fingerprint is never 0)
             shards = sorted({int(v) // cache.shard_views for v in views[stored == 0]})
             return {"error": f"--cache {self.url}: the files of shard(s) {shards} are missing (deleted after the "
                              f"cache was made?); run `cskd-cache verify {self.url}` and precompute again"}
-        # the views fingerprinted in the worker (all of them at first, then a rotating sample: see RankBatches)
-        off = np.flatnonzero(batch["checked"].numpy() & (stored != got))
-        batch["checks"] = torch.tensor(int(batch["checked"].sum()))
-        if len(off):
-            # Not the pixels the teacher saw. Small drift (other library versions round a few pixels
-            # differently) is tolerated and counted; anything else stops training. A batch holds whole pairs, so
-            # a wrong partner shows in the view that carries most of it.
-            kind = cache.signature_kind
-            tol = replay_tolerance(self.tolerance, kind)
-            dist = signature_distance(replay["signature"][off], batch["signature"].numpy()[off], kind) \
-                if "signature" in replay else np.full(len(off), np.inf)
-            if not replay_matches(False, dist, tol).all():
-                bad = int(views[off[int(dist.argmax())]])
-                far = "" if not np.isfinite(dist.max()) else f" by {dist.max():.3f} (tolerance {tol})"
-                return {"error": f"replay drift at view {bad}{far}: the augmented pixels differ from those the "
-                                 "teacher saw (augmentation code, library versions or images changed since the cache "
-                                 f"was made{library_drift(cache.manifest)}; `cskd-cache inspect --requirements` "
-                                 "pins them)"}
-            batch["drift"] = torch.tensor([len(off), float(dist.max())])
+        if "params" in batch:
+            # --replay tensor: every view's draws are compared here, exactly (a changed timm draws other crops or
+            # ops: caught on every view, not only the fingerprinted ones); the pixels are made and checked on the
+            # device (`finish`)
+            if "params" in replay and not np.array_equal(replay["params"], batch["params"].numpy()):
+                bad = int(views[np.flatnonzero((replay["params"] != batch["params"].numpy()).any(1))[0]])
+                return {"error": f"replay drift at view {bad}: its augmentation parameters differ from those the "
+                                 "teacher saw (timm's draws changed since the cache was made"
+                                 f"{library_drift(cache.manifest)}; `cskd-cache inspect --requirements` pins them)"}
+            batch["stored"] = {k: torch.from_numpy(np.ascontiguousarray(replay[k]))
+                               for k in ("fingerprint", "signature") if k in replay}
+        else:  # the views fingerprinted in the worker (all at first, then a rotating sample: see RankBatches)
+            verdict = self.compare(views, replay, batch)
+            if "error" in verdict:
+                return verdict
+            batch.update(verdict)
         missing = cache.encoding.missing_spill(arrays, spill)
         if missing:  # checked here, on the CPU, so that decoding on the device never waits for it
             return {"error": f"--cache {self.url}: {missing} positions of views {int(views.min())}..{int(views.max())} "
@@ -82,6 +80,39 @@ class CachedOutputs:
         if spill is not None:
             batch["spill"] = to_torch(spill)
         return batch
+
+    def compare(self, views: np.ndarray, stored: dict, batch: dict) -> dict:
+        """The checked views' fingerprints against the stored ones -> {} (all equal), {"drift": [n, largest
+        distance]} (small drift, tolerated and counted) or {"error": ...}."""
+        cache = self.cache()
+        off = np.flatnonzero(batch["checked"].numpy() & (stored["fingerprint"] != batch["fingerprint"].numpy()))
+        if not len(off):
+            return {}
+        # Not the pixels the teacher saw. Small drift (other library versions round a few pixels differently) is
+        # tolerated and counted; anything else stops training. A batch holds whole pairs, so a wrong partner shows
+        # in the view that carries most of it.
+        kind = cache.signature_kind
+        tol = replay_tolerance(self.tolerance, kind)
+        dist = signature_distance(stored["signature"][off], batch["signature"].numpy()[off], kind) \
+            if "signature" in stored else np.full(len(off), np.inf)
+        if not replay_matches(False, dist, tol).all():
+            bad = int(views[off[int(dist.argmax())]])
+            far = "" if not np.isfinite(dist.max()) else f" by {dist.max():.3f} (tolerance {tol})"
+            return {"error": f"replay drift at view {bad}{far}: the augmented pixels differ from those the teacher "
+                             "saw (augmentation code, library versions or images changed since the cache was made"
+                             f"{library_drift(cache.manifest)}; `cskd-cache inspect --requirements` pins them)"}
+        return {"drift": torch.tensor([len(off), float(dist.max())])}
+
+    def finish(self, dataset: PairDataset, batch: dict, device) -> torch.Tensor:
+        """The batch's views on `device` (dataset.finish); views made there (--replay tensor) are checked there."""
+        x = dataset.finish(batch, device)
+        if "stored" in batch:
+            stored = {k: v.numpy() for k, v in batch.pop("stored").items()}
+            verdict = self.compare(batch["view"].numpy(), stored, batch)
+            if "error" in verdict:
+                raise CacheError(verdict["error"])
+            batch.update(verdict)
+        return x
 
 
 class RankBatches:

@@ -151,8 +151,14 @@ def _scheduler(cfg: TrainConfig, optimizer, dist: Dist) -> CosineLRScheduler:
 
 
 def recipe_of(cache: Cache | None, cfg: TrainConfig) -> Recipe:
-    """The views' recipe: the cache's, or DeiT's at --input-size."""
-    return cache.recipe if cache is not None else Recipe(input_size=cfg.input_size or 224)
+    """The views' recipe: the cache's, or DeiT's at --input-size and --replay."""
+    if cache is None:
+        return Recipe(input_size=cfg.input_size or 224, replay=cfg.replay or "pil").check()
+    if cfg.replay is not None and cfg.replay != cache.recipe.replay:
+        raise CacheError(f"--replay {cfg.replay}: --cache {cfg.cache} was made with --replay {cache.recipe.replay} "
+                         f"(other pixels: the teacher's outputs belong to those); train with --replay "
+                         f"{cache.recipe.replay}, or precompute a cache with --replay {cfg.replay}")
+    return cache.recipe
 
 
 def _check_cache(cfg: TrainConfig, cache: Cache, source) -> None:
@@ -243,6 +249,8 @@ def _online_teacher(cfg: TrainConfig, views: Views, device: torch.device):
                                    view_mean=recipe.mean, view_std=recipe.std,
                                    precision=resolve_precision(precision, device), recorded=recorded)
     teacher = teacher.to(device)
+    if device.type == "cuda":  # as precompute runs it: convolutions in channels_last are faster under autocast
+        teacher = teacher.to(memory_format=torch.channels_last)
     if cache is not None and info["weights_sha256"] != cache.manifest["teacher"]["weights_sha256"] and not cfg.force:
         raise CacheError("the online teacher's weights differ from the cache's teacher; pass --force")
     views.grid = views.grid or teacher.grid(recipe.input_size)

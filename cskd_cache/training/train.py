@@ -7,6 +7,7 @@ DeiT's main.py: set the run up (`setup`), then per epoch `train_one_epoch`, `eva
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -19,6 +20,7 @@ from ..data.fingerprint import replay_tolerance
 from ..data.order import MAX_MEASURED_REUSE, epoch_views, reuse_factor
 from ..data.recipe import library_drift
 from ..data.replay import PairDataset
+from ..data.views import pair_dataset
 from ..distributed import Dist, init_distributed
 from ..errors import CacheError
 from .checkpoint import save as _save
@@ -49,7 +51,7 @@ def train(cfg: TrainConfig, dist: Dist | None = None) -> list[dict]:
                   "docs/results.md measured lower accuracy with many uses per view. `cskd-cache precompute "
                   f"--epochs {cfg.epochs}` with the cache's own flags extends it to fresh views (at least "
                   f"{-(-cfg.epochs // MAX_MEASURED_REUSE)} for {MAX_MEASURED_REUSE} uses per view)")
-    dataset = PairDataset(run.source, run.recipe, run.fingerprint_kind, run.signature_kind)
+    dataset = pair_dataset(run.source, run.recipe, run.fingerprint_kind, run.signature_kind)
     board = _board(cfg) if dist.main else None
     if dist.main:
         write_args(cfg)
@@ -121,7 +123,7 @@ def _one_epoch(run: Run, dataset: PairDataset, epoch: int) -> dict:
     stats = train_one_epoch(run.model, run.criterion, loader, run.optimizer, run.device, epoch,
                             targets=run.targets, alpha_at=per_step, num_classes=run.num_classes,
                             smoothing=run.recipe.label_smoothing, ema=run.ema, clip_grad=cfg.clip_grad,
-                            show_progress=dist.main, finish=dataset.finish)
+                            show_progress=dist.main, finish=functools.partial(loader.collate_fn.finish, dataset))
     names = list(stats["sums"])
     totals = torch.stack([torch.tensor(float(stats["seen"]), device=run.device)] +
                          [stats["sums"][k].double().to(run.device) for k in names]).double()
