@@ -93,8 +93,9 @@ class Drawer:
                 raise CacheError(f"--replay tensor cannot express {type(t).__name__} (recipe steps {kinds}; "
                                  f"--auto-augment {recipe.auto_augment!r}): the tensor backend replays "
                                  "RandomResizedCrop, horizontal flip and timm's RandAugment ('rand-...'); use --replay pil")
-        self.layers = 0
+        self.layers, self.fill = 0, (0, 0, 0)
         if self.randaug is not None:
+            self.fill = tuple(self.randaug.ops[0].kwargs["fillcolor"])  # timm's img_mean: what its ops fill with
             self.layers = self.randaug.num_layers
             for op in self.randaug.ops:
                 if op.aug_fn not in _TIMM_FN:
@@ -162,7 +163,7 @@ def ops_of(row: np.ndarray, layers: int) -> list[tuple[str, str, float]]:
     return out
 
 
-def apply_pil(image: Image.Image, row: np.ndarray, recipe: Recipe, layers: int) -> Image.Image:
+def apply_pil(image: Image.Image, row: np.ndarray, recipe: Recipe, layers: int, fill: tuple) -> Image.Image:
     """A record applied with timm's own PIL functions (the reference the tests hold the record to: the result is
     timm's transform's output for the view's seed, bit for bit)."""
     from torchvision.transforms import functional as F
@@ -172,7 +173,6 @@ def apply_pil(image: Image.Image, row: np.ndarray, recipe: Recipe, layers: int) 
     img = F.resized_crop(image, top, left, h, w, [recipe.input_size, recipe.input_size], mode)
     if row[5]:
         img = F.hflip(img)
-    fill = tuple(round(255 * m) for m in recipe.mean)  # timm's img_mean for RandAugment's fill
     pil_interp = [Image.Resampling.NEAREST, Image.Resampling.BILINEAR, Image.Resampling.BICUBIC]
     fns = {name: getattr(timm_aa, name) for name in KERNELS}
     fns["posterize"] = posterize

@@ -24,7 +24,7 @@ from torchvision import transforms
 
 from ..errors import BadImageError, CacheError
 from .finish import Finisher
-from .fingerprint import fingerprint, signature
+from .fingerprint import SIGNATURES, fingerprint, signature
 from .plan import MODE_CUTMIX, MODE_MIXUP
 from .recipe import Recipe, build_transform
 
@@ -160,7 +160,7 @@ class PairDataset(torch.utils.data.Dataset):
                 "label": torch.tensor([ya, yb]), "partner_label": torch.tensor([yb, ya]),
                 "lam": torch.tensor([lam, lam], dtype=torch.float32), "mode": torch.tensor([mode, mode]),
                 "box": torch.tensor([box, box], dtype=torch.int64), "checked": torch.tensor([check, check])}
-        width = 64 if self.signature_kind == "sketch64" else 48
+        width = SIGNATURES[self.signature_kind][2]
         fps, sigs = torch.zeros(2, dtype=torch.int64), torch.zeros(2, width, dtype=torch.int8)
         if check:  # the views as the device will finish them (same code), hashed
             x = self.finish(pair)

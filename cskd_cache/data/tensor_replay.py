@@ -22,7 +22,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from ..errors import BadImageError
 from . import kernels
 from .finish import Finisher
-from .fingerprint import fingerprint, signature
+from .fingerprint import SIGNATURES, fingerprint, signature
 from .params import INTERPOLATIONS, KERNELS, NO_OP, Drawer, header_size
 from .recipe import Recipe
 from .replay import PairDataset, _ErasingDraws, _seeded
@@ -60,9 +60,8 @@ class DeviceViews:
     pixels do not depend on which batch it falls in: precompute's teacher batches and training's student batches
     differ."""
 
-    def __init__(self, recipe: Recipe, layers: int, keys: list[str] | None = None):
-        self.size, self.layers, self.keys = recipe.input_size, layers, keys
-        self.fill = tuple(min(255, round(255 * m)) for m in recipe.mean)  # timm's img_mean: RandAugment's fill
+    def __init__(self, recipe: Recipe, drawer: Drawer, keys: list[str] | None = None):
+        self.size, self.layers, self.fill, self.keys = recipe.input_size, drawer.layers, drawer.fill, keys
 
     def __call__(self, batch: dict, device: torch.device) -> torch.Tensor:
         samples = batch["sample"].tolist()
@@ -130,7 +129,7 @@ class TensorPairDataset(PairDataset):
         self.source, self.recipe, self.fingerprint_kind = source, recipe, fingerprint_kind
         self.signature_kind = signature_kind
         self.drawer = Drawer(recipe)  # refuses a recipe the kernels cannot express
-        self.views = DeviceViews(recipe, self.drawer.layers, source.keys)
+        self.views = DeviceViews(recipe, self.drawer, source.keys)
         self.finisher = Finisher(recipe.mean, recipe.std)
 
     def __getitems__(self, items: list[tuple]) -> list[dict]:
@@ -160,7 +159,7 @@ class TensorPairDataset(PairDataset):
                     lam[i], box[i] = lam_k, box_k
         except BadImageError as e:  # carried as data: DataLoader cannot re-raise exceptions with custom args
             return [{"error": str(e)}]
-        sig = 64 if self.signature_kind == "sketch64" else 48
+        sig = SIGNATURES[self.signature_kind][2]
         view, sample, label, partner, mode, checked = (torch.from_numpy(a) for a in ints)
         data = torch.frombuffer(bytearray(b"".join(datas)), dtype=torch.uint8)
         return [{"view": view, "sample": sample, "data": data,

@@ -10,6 +10,7 @@ import torch
 from cskd_cache.cache.ckf import CKFEncoding, ckf_candidates
 from cskd_cache.cache.encoding import ArraySpec, class_dtype, fuse
 from cskd_cache.cache.encodings import ENCODINGS, encoding_from_description, make_encoding
+from test_ckf_deferred import assert_deferred_same
 
 classes = CKFEncoding.slot_classes  # each candidate slot's class id, -1 where empty
 
@@ -50,39 +51,6 @@ def assert_exact(dense, global_=None, width=8, extra=(), table=48):
     assert torch.equal(ckf.global_argmax(arrays), global_.float().argmax(-1))
     assert_deferred_same(ckf, dense, global_, arrays, spill)
     return arrays, spill
-
-
-def assert_deferred_same(ckf, dense, global_, arrays, spill):
-    """precompute's sync-free encode, settled on the host, is the plain encode exactly (arrays and spill rows)."""
-    d_arrays, d_spill = ckf.encode(dense, global_, deferred=True)
-    got, rows = ckf.settle({k: v.numpy() for k, v in d_arrays.items()}, {k: v.numpy() for k, v in d_spill.items()},
-                           dense, global_)
-    assert got.keys() == arrays.keys()
-    for k in arrays:
-        assert np.array_equal(got[k], arrays[k].numpy(), equal_nan=True), k
-    assert (rows is None) == (spill is None)
-    if spill is not None:
-        for k in spill:
-            assert np.array_equal(rows[k], spill[k].numpy()), k
-
-
-def test_the_bounded_analysis_holds_on_realistic_rows_and_falls_back_otherwise(monkeypatch):
-    """Real-teacher-like rows stay within the bounds (no fallback: the sync-free path is the one that runs); a
-    bound too small is detected and settled by the plain encode, still exact."""
-    import cskd_cache.cache.ckf as ckf_module
-
-    torch.manual_seed(5)
-    dense = torch.randn(2, 1, 1000) * 4 + torch.randn(2, 49, 1000)
-    ckf = make_encoding("ckf", 1000, 49)
-    arrays, spill = ckf.encode(dense, dense.mean(1))
-    d_arrays, _ = ckf.encode(dense, dense.mean(1), deferred=True)
-    assert bool(d_arrays["ok"])
-    for width, steps in ((2, 12), (48, 1)):
-        monkeypatch.setattr(ckf_module, "BOUNDED_WIDTH", width)
-        monkeypatch.setattr(ckf_module, "BOUNDED_STEPS", steps)
-        d_arrays, _ = ckf.encode(dense, dense.mean(1), deferred=True)
-        assert not bool(d_arrays["ok"])
-        assert_deferred_same(ckf, dense, dense.mean(1), arrays, spill)
 
 
 @pytest.mark.parametrize("K", [10, 100, 1000])

@@ -34,7 +34,7 @@ def test_a_record_is_timms_draw(recipe):
         with _seeded(seed):
             row = drawer.draw(*img.size, draws)
         assert row.shape == (drawer.width,) and row.dtype == np.int32
-        got = np.asarray(apply_pil(img, row, recipe, drawer.layers))
+        got = np.asarray(apply_pil(img, row, recipe, drawer.layers, drawer.fill))
         assert np.array_equal(got, pixels.permute(1, 2, 0).numpy()), (seed, ops_of(row, drawer.layers))
         assert draws.boxes == erasing.boxes and all(torch.equal(a, b) for a, b in zip(draws.values, erasing.values))
         at = 6 + 4 * drawer.layers
