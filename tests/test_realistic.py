@@ -2,18 +2,23 @@
 default recipe, through the CLI. Tests at 3-4 classes cannot see what only large class counts do (a ckf global table
 that is not full, fp16 class ids, spilled positions)."""
 
+import json
+
 import numpy as np
+import pytest
 from conftest import run_cli
 
 from cskd_cache.cache.store import Cache
 
 
-def test_a_real_1000_class_cache_verifies_and_trains(tmp_path, imagenet_shards, lite0):
+@pytest.mark.parametrize("replay", ["pil", "tensor"])
+def test_a_real_1000_class_cache_verifies_and_trains(tmp_path, imagenet_shards, lite0, replay):
     name, ckpt = lite0
     out = tmp_path / "c.zarr"
     code, text = run_cli("precompute", "--data", imagenet_shards, "--out", out, "--teacher", name,
                          "--teacher-checkpoint", ckpt, "--epochs", "2", "--workers", "0", "--batch-size", "16",
-                         "--chunk-views", "16", "--shard-views", "32")  # every recipe default: 224 px, full DeiT
+                         "--chunk-views", "16", "--shard-views", "32",
+                         "--replay", replay)  # every recipe default: 224 px, full DeiT
     assert code == 0, text
     cache = Cache.open(str(out))
     assert cache.complete and cache.manifest["grid"] == [7, 7] and cache.manifest["num_classes"] == 1000
@@ -27,8 +32,10 @@ def test_a_real_1000_class_cache_verifies_and_trains(tmp_path, imagenet_shards, 
     assert "8 replayed views match" in text
     code, text = run_cli("train", "--student", "deit_tiny_distilled_patch16_224", "--data", imagenet_shards,
                          "--cache", out, "--out", tmp_path / "run", "--epochs", "1", "--batch-size", "8",
-                         "--workers", "0", "--max-steps", "2", "--warmup-epochs", "0")
+                         "--workers", "1", "--max-steps", "2", "--warmup-epochs", "0", "--check-every", "1")
     assert code == 0, text
+    row = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
+    assert row["replay_drifted"] == 0  # every view of both steps: the very pixels the teacher saw
 
 
 def test_spilled_positions_train_exactly_end_to_end(tmp_path, lite0):
