@@ -3,14 +3,16 @@
 `precompute` (replay in DataLoader workers, the teacher, the ckf encoding, shard writes in a background thread)
 is timed at two sizes and the difference taken, so fixed start-up costs (model creation, plan) drop out: the
 marginal seconds per view. The bare forward is `teacher(x)` alone on the same replayed batches, already in memory.
-RegNetY-160 random-initialised at 224 px (the architecture is what costs).
+RegNetY-160 random-initialised at 224 px (the architecture is what costs). The whole measurement is repeated
+(default 3) and the ratio taken repeat by repeat: median, min and max.
 
-    python -m benchmarks.precompute_throughput          # about 4 minutes on 2 CPU cores
+    python -m benchmarks.precompute_throughput          # about 12 minutes on 2 CPU cores (3 repeats)
 """
 
 from __future__ import annotations
 
 import shutil
+import statistics
 import tempfile
 import time
 
@@ -32,10 +34,11 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=96, help="views of the smaller run; the larger has twice as many")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     device = setup(args)
     if args.smoke:
-        args.teacher, args.views, args.batch, args.workers = "test_resnet", 16, 8, 0
+        args.teacher, args.views, args.batch, args.workers, args.repeats = "test_resnet", 16, 8, 0, 1
     size = 64 if args.smoke else 224
     tmp = tempfile.mkdtemp()
     per_photo = -(-args.views // 14)
@@ -55,29 +58,42 @@ def main() -> None:
         cache = precompute(cfg)
         return time.perf_counter() - t, cache
 
-    t1, cache = timed_precompute(1)
-    t2, _ = timed_precompute(2)
-    marginal = n / (t2 - t1)
-    dataset = PairDataset(open_source(str(data)).subset(list(range(len(cache.sample_keys())))), cache.recipe)
-    items = pair_items(cache.epoch_plan, np.arange(n), cache.stride)
-    x = torch.cat([dataset[it]["image"] for it in items])
     teacher, _ = create_teacher(args.teacher, checkpoint=ckpt, precision="fp32")
     teacher = teacher.to(device)
-    teacher(x[: args.batch].to(device))  # warm-up
-    with Timer(device) as t:
-        for a in range(0, n, args.batch):
-            teacher(x[a:a + args.batch].to(device))
-    bare = n / t.seconds
-    rows = [{"what": "bare teacher forward (same batches)", "views/s": bare},
-            {"what": "precompute, marginal (replay, teacher, ckf encode, writes)", "views/s": marginal,
-             "ratio to bare": marginal / bare},
-            {"what": "precompute, whole run of one epoch (start-up included)", "views/s": n / t1}]
-    print(table(rows, ["what", "views/s", "ratio to bare"]))
+    seen = {"bare": [], "marginal": [], "whole": [], "ratio": []}
+    x = None
+    for _ in range(args.repeats):
+        t1, cache = timed_precompute(1)
+        t2, _ = timed_precompute(2)
+        if x is None:  # the same replayed batches every repeat
+            dataset = PairDataset(open_source(str(data)).subset(list(range(len(cache.sample_keys())))), cache.recipe)
+            x = torch.cat([dataset[it]["image"] for it in pair_items(cache.epoch_plan, np.arange(n), cache.stride)])
+            teacher(x[: args.batch].to(device))  # warm-up
+        with Timer(device) as t:
+            for a in range(0, n, args.batch):
+                teacher(x[a:a + args.batch].to(device))
+        seen["bare"].append(n / t.seconds)
+        seen["marginal"].append(n / (t2 - t1))
+        seen["whole"].append(n / t1)
+        seen["ratio"].append(seen["marginal"][-1] / seen["bare"][-1])
+
+    def spread(v):
+        return {"median": statistics.median(v), "min": min(v), "max": max(v)}
+
+    ratio = spread(seen["ratio"])
+    rows = [{"what": "bare teacher forward (same batches)", "views/s": statistics.median(seen["bare"])},
+            {"what": "precompute, marginal (replay, teacher, ckf encode, writes)",
+             "views/s": statistics.median(seen["marginal"]), "ratio to bare": ratio["median"],
+             "ratio min": ratio["min"], "ratio max": ratio["max"]},
+            {"what": "precompute, whole run of one epoch (start-up included)", "views/s": statistics.median(seen["whole"])}]
+    print(table(rows, ["what", "views/s", "ratio to bare", "ratio min", "ratio max"]))
+    print(f"\nratio to bare, repeat by repeat: {', '.join(f'{r:.3f}' for r in seen['ratio'])}")
     path = save("precompute_throughput", args, rows, {"teacher": f"{args.teacher} (random init)", "input_size": size,
                                                       "views": [n, 2 * n], "batch": args.batch,
                                                       "workers": args.workers, "encoding": "ckf",
-                                                      "threads": torch.get_num_threads()}, device,
-                ratio=marginal / bare)
+                                                      "threads": torch.get_num_threads(),
+                                                      "repeats": args.repeats, "runs": seen}, device,
+                ratio=ratio["median"])
     print(f"\n{path}")
 
 

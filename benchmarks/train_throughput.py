@@ -6,7 +6,7 @@ on every batch (`online`: its forward and the exact `full` fusion, nothing else)
 DeiT). Same views, same steps; the modes are interleaved and repeated, and each figure is the median over repeats
 of a steady-state epoch (the first epoch of every run warms up and is not counted). RegNetY-160 is
 random-initialised (the architecture is what costs; no download here). A second part replaces the student by
-a probe (one block, 32 wide, 32-px patches: a 7x7 grid, the teacher's) and its step is measured against the data
+a probe (one block, 16 wide, 32-px patches: a 7x7 grid, the teacher's) and its step is measured against the data
 path's cost per view (the wall time per view without distillation): the part is data-bound when the step is at
 most a tenth of it, and there the cache must cost what no distillation costs. Its teacher has the photos' own
 classes (14), as a teacher fine-tuned on them would: on a CPU, 1000-class logits at every patch position (50 MB for

@@ -30,7 +30,7 @@ STUDENT_ALIASES = {
 STUDENT_VARIANTS = {
     "deit_demo": ("deit_tiny_distilled_patch16_224", dict(embed_dim=96, depth=4, num_heads=3)),
     # benchmarks/train_throughput's data-bound part: a step far cheaper than the data path's cost per view
-    "deit_probe": ("deit_tiny_distilled_patch16_224", dict(patch_size=32, embed_dim=32, depth=1, num_heads=1)),
+    "deit_probe": ("deit_tiny_distilled_patch16_224", dict(patch_size=32, embed_dim=16, depth=1, num_heads=1)),
 }
 
 
