@@ -138,7 +138,9 @@ def verify(cache: str = typer.Argument(..., help="Cache path or URL."),
            pretrained: bool = typer.Option(False, help="--teacher-check: take the teacher from timm / the hub."),
            teacher_tolerance: float = typer.Option(0.02, min=0.0, max=1.0, help="--teacher-check: fraction of CKF "
                                                                                 "targets that may differ."),
-           device: Optional[str] = typer.Option(None, help="--teacher-check: cpu, cuda, ...")):
+           device: Optional[str] = typer.Option(None, help="Where --replay tensor views are made and the "
+                                                          "--teacher-check teacher runs: cpu, cuda, cuda:1 ... "
+                                                          "(default: GPU when present, as training).")):
     """Read every chunk (crc32c checked), check completeness and the plan, optionally replay views.
     Exit 0: the cache is sound; 1: it is not (every problem listed); 2: the command could not run."""
     from cskd_cache.cache.verify import verify_cache
@@ -146,7 +148,8 @@ def verify(cache: str = typer.Argument(..., help="Cache path or URL."),
 
     if teacher_check and not (teacher_checkpoint or pretrained):
         fail("--teacher-check needs the teacher: --teacher-checkpoint PATH or --pretrained")
-    report = verify_cache(cache, replay=replay, data=data, match=match.value, tolerance=replay_tolerance)
+    report = verify_cache(cache, replay=replay, data=data, match=match.value, tolerance=replay_tolerance,
+                          device=device)
     if teacher_check and report["summary"]:  # a cache whose arrays do not match its manifest is not re-run
         check_teacher(report, cache, data, teacher_check, teacher_checkpoint, pretrained, match.value, device,
                       teacher_tolerance)

@@ -27,21 +27,27 @@ class Dist:
             dist.barrier()
 
     def device(self, requested: str | None = None) -> torch.device:
-        if requested:
-            try:
-                dev = torch.device(requested)
-            except RuntimeError:
-                raise CacheError(f"--device {requested!r}: not a device (cpu, cuda, cuda:1, mps, ...)") from None
-            if dev.type == "cuda" and not torch.cuda.is_available():
-                raise CacheError(f"--device {requested}: no CUDA GPU is available here; use --device cpu")
-            if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-                raise CacheError(f"--device {requested}: only {torch.cuda.device_count()} GPU(s) here")
-            if dev.type == "mps" and not torch.backends.mps.is_available():
-                raise CacheError(f"--device {requested}: MPS is not available here; use --device cpu")
-            return dev
-        if torch.cuda.is_available():
-            return torch.device("cuda", self.local_rank)
-        return torch.device("cpu")
+        return resolve_device(requested, self.local_rank)
+
+
+def resolve_device(requested: str | None = None, index: int = 0) -> torch.device:
+    """`--device` checked where it enters (one line naming the flag, never a CUDA traceback later); default: the
+    GPU when present (`index`: a rank's local GPU), else the CPU."""
+    if requested:
+        try:
+            dev = torch.device(requested)
+        except RuntimeError:
+            raise CacheError(f"--device {requested!r}: not a device (cpu, cuda, cuda:1, mps, ...)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise CacheError(f"--device {requested}: no CUDA GPU is available here; use --device cpu")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CacheError(f"--device {requested}: only {torch.cuda.device_count()} GPU(s) here")
+        if dev.type == "mps" and not torch.backends.mps.is_available():
+            raise CacheError(f"--device {requested}: MPS is not available here; use --device cpu")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda", index)
+    return torch.device("cpu")
 
 
 def init_distributed() -> Dist:

@@ -6,6 +6,7 @@ that no longer replay. The teacher re-run (--teacher-check) is the teacher's bus
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ..data.matching import match_samples
 from ..data.open import open_source
@@ -13,6 +14,7 @@ from ..data.fingerprint import replay_matches, replay_tolerance, signature_dista
 from ..data.recipe import library_drift
 from ..data.replay import pair_items
 from ..data.views import pair_dataset
+from ..distributed import resolve_device
 from ..errors import CacheError
 from .files import check_files
 from .inspect import _ranges
@@ -35,27 +37,31 @@ def spread_pairs(cache: Cache, count: int) -> list[int]:
     return out
 
 
-def replayer(cache: Cache, source, match: str):
-    """A function view -> the replayed pair (dict as PairDataset gives it), over the cache's samples in --data."""
+def replayer(cache: Cache, source, match: str, device=None):
+    """A function view -> the replayed pair (dict as PairDataset gives it, `image` on `device`), over the cache's
+    samples in --data. `--replay tensor` views are made on `device` (their fingerprints too), as training makes
+    them: a cache made on a GPU replays exactly on a GPU, within tolerance on a CPU (another device's kernels)."""
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
     ids, _ = match_samples(cache.sample_keys(), cache.sample_labels(), source, match,
                            cache.sample_hashes() if match == "content" else None)
     dataset = pair_dataset(source.subset(ids), cache.recipe, cache.fingerprint_kind, cache.signature_kind)
 
     def replay(v: int) -> dict:
-        got = dataset[pair_items(cache.epoch_plan, [v, v + 1], cache.stride)[0]]
+        got = dataset.__getitems__(pair_items(cache.epoch_plan, [v, v + 1], cache.stride))[0]
         if "error" in got:
             raise CacheError(f"--data: {got['error']}")
-        return got
+        return dict(got, image=dataset.finish(got, device))
     return replay
 
 
-def replay_views(cache: Cache, source, count: int, match: str = "key") -> dict:
+def replay_views(cache: Cache, source, count: int, match: str = "key", device=None) -> dict:
     """Replay about `count` views (whole pairs) spread over the done shards; compare their pixel fingerprints
     with the stored ones and, where they differ, measure by how much (signature distance, normalised units).
     Returns {"checked": n, "drifted": [view, ...], "distance": [d, ...]}. A drift means the augmentation code,
     a library version or the images changed since the cache was made."""
-    replay = replayer(cache, source, match)
-    out = {"checked": 0, "drifted": [], "distance": []}
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    replay = replayer(cache, source, match, device)
+    out = {"checked": 0, "drifted": [], "distance": [], "device": str(device)}
     for v in spread_pairs(cache, count):
         got, want = replay(v), cache.read_replay(v, v + 2)
         for i in range(2):
@@ -69,10 +75,13 @@ def replay_views(cache: Cache, source, count: int, match: str = "key") -> dict:
 
 
 def verify_cache(url: str, replay: int = 0, data: str | None = None, match: str = "key",
-                 tolerance: float | None = None) -> dict:
-    """Returns {"summary": str, "problems": [str, ...]} (and "replay" with --replay); no problems means sound."""
+                 tolerance: float | None = None, device: str | None = None) -> dict:
+    """Returns {"summary": str, "problems": [str, ...]} (and "replay" with --replay); no problems means sound.
+    `device`: where `--replay tensor` views are made (default: the GPU when present, as training)."""
     if replay and not data:
         raise CacheError("verify --replay needs --data (the dataset the cache was made from)")
+    if device:
+        resolve_device(device)  # a bad --device is named before any work
     cache = Cache.open(url)
     problems = cache.layout_problems()
     if problems:  # the rest would read arrays that are not what the manifest says
@@ -88,7 +97,7 @@ def verify_cache(url: str, replay: int = 0, data: str | None = None, match: str 
                + ", the plan matches its parameters")
     report = {"summary": summary, "problems": problems}
     if replay:
-        _replay_report(report, cache, open_source(data), replay, match, tolerance)
+        _replay_report(report, cache, open_source(data), replay, match, tolerance, device)
     return report
 
 
@@ -147,8 +156,9 @@ def _chunk_problems(cache: Cache) -> list[str]:
     return problems
 
 
-def _replay_report(report: dict, cache: Cache, source, count: int, match: str, tolerance: float | None) -> None:
-    r = replay_views(cache, source, count, match)
+def _replay_report(report: dict, cache: Cache, source, count: int, match: str, tolerance: float | None,
+                   device: str | None = None) -> None:
+    r = replay_views(cache, source, count, match, device)
     tolerance = replay_tolerance(tolerance, cache.signature_kind)
     # tolerance 0: exact pixels only (a drift can leave a signature unchanged, at distance 0)
     far = [d for d in r["distance"] if not replay_matches(False, d, tolerance)]
@@ -158,10 +168,11 @@ def _replay_report(report: dict, cache: Cache, source, count: int, match: str, t
                                   "(inspect --requirements pins the cache's)")
     near = len(r["drifted"]) - len(far)
     report["replay"] = r
+    where = f" (tensor replay on {r['device']})" if cache.recipe.replay == "tensor" else ""
     if not r["drifted"]:
-        report["summary"] += f"; {r['checked']} replayed views match their fingerprints"
+        report["summary"] += f"; {r['checked']} replayed views{where} match their fingerprints"
     else:
-        report["summary"] += (f"; {r['checked']} replayed views: {r['checked'] - len(r['drifted'])} exact"
+        report["summary"] += (f"; {r['checked']} replayed views{where}: {r['checked'] - len(r['drifted'])} exact"
                               + (f", {near} within tolerance {tolerance} (at most "
                                  f"{max(d for d in r['distance'] if d <= tolerance):.3f})" if near else "")
                               + (f", {len(far)} beyond it" if far else ""))

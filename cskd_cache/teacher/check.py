@@ -14,6 +14,7 @@ from ..cache.store import Cache
 from ..cache.verify import replayer, spread_pairs
 from ..data.open import open_source
 from ..data.recipe import library_drift
+from ..distributed import resolve_device
 from ..errors import CacheError
 from .model import create_teacher, resolve_precision
 
@@ -30,7 +31,7 @@ def teacher_check(cache: Cache, source, count: int, checkpoint: str | None = Non
     drifted (another Pillow or torchvision rounded their pixels differently: their targets may differ with no
     fault of the cache)."""
     m = cache.manifest["teacher"]
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     precision = m.get("precision", "fp32")
     if dev.type == "cpu" and precision != "fp32":
         precision = resolve_precision(None, dev)  # autocast fp16 on a CPU is slow and partly unsupported
@@ -41,7 +42,7 @@ def teacher_check(cache: Cache, source, count: int, checkpoint: str | None = Non
         raise CacheError(f"--teacher-checkpoint: these weights (sha256 {info['weights_sha256'][:16]}) are not the "
                          f"cache's teacher ({m['weights_sha256'][:16]}); give the checkpoint it was made with")
     teacher = teacher.to(dev)
-    replay = replayer(cache, source, match)
+    replay = replayer(cache, source, match, dev)
     full = make_encoding("full", cache.encoding.num_classes, cache.encoding.positions)
     tally = {k: {"views": 0, "changed": 0, "total": 0, "argmax_changed": 0, "max_difference": 0.0}
              for k in ("exact", "drifted")}

@@ -60,8 +60,9 @@ def test_tensor_cache_trains_like_the_online_teacher(tmp_path, real_photos, teac
     assert [r["replay_drifted"] for r in rows] == [0, 0]  # every view checked: the teacher's very pixels
 
     # verify replays pairs one at a time (other batches than precompute's): all exact
-    code, text = run_cli("verify", out, "--replay", "48", "--data", real_photos)
-    assert code == 0 and "48 replayed views match their fingerprints" in text, text
+    code, text = run_cli("verify", out, "--replay", "48", "--data", real_photos, "--device", "cpu")
+    assert code == 0 and "48 replayed views (tensor replay on cpu) match their fingerprints" in text, text
+    one_line(*run_cli("verify", out, "--replay", "2", "--data", real_photos, "--device", "gpu0"), "--device", "gpu0")
     one_line(*run_cli(*train_args(real_photos, tmp_path / "pil", "--cache", out, "--replay", "pil")),
              "--replay pil", "--replay tensor")
     code, text = run_cli("inspect", out)
