@@ -141,6 +141,8 @@ def main() -> None:
           f"{tiny['cache / none max']:.3f}, {len(ratios)} randomised repeats); student step "
           f"{step:.2f} ms/view = {100 * step / data_ms:.1f}% of the data path's {data_ms:.2f} ms/view "
           f"({'data-bound' if step <= 0.1 * data_ms else 'NOT data-bound: the student is too costly'})")
+    if args.skip_main:  # keep the main part's rows of the last full run, marked with when they were measured
+        rows = _earlier_main_rows(args) + rows
     path = save("train_throughput", args, rows, {"teacher": f"{args.teacher} (random init)", "input_size": size,
                                                   "batch": args.batch, "steps per epoch": args.steps,
                                                   "repeats": args.repeats, "tiny_repeats": args.tiny_repeats,
@@ -148,6 +150,19 @@ def main() -> None:
                                                   "workers": args.workers,
                                                   "encoding": "ckf", "threads": torch.get_num_threads()}, device)
     print(f"\n{path}")
+
+
+def _earlier_main_rows(args) -> list[dict]:
+    import json
+    from benchmarks.common import RESULTS
+
+    path = RESULTS / ("train_throughput-smoke.json" if args.smoke else "train_throughput.json")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return [dict(r, measured=r.get("measured", doc.get("when"))) for r in doc.get("rows", [])
+            if r.get("student") != args.tiny_student]
 
 
 if __name__ == "__main__":

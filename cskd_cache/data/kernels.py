@@ -10,8 +10,8 @@ Fidelity to timm's PIL ops: point ops (invert, posterize, solarize, solarize_add
 Pillow's pixels exactly; enhance ops (color, contrast, brightness, sharpness) rebuild Pillow's degenerate image
 exactly and blend as Image.blend does (float32, truncated), so they are exact too; geometric ops compute Pillow's
 AFFINE input points and fill decisions exactly, then interpolate with grid_sample (close, not equal: another
-cubic) or, with exact=True, with Pillow's own arithmetic (bit-identical, slower). resized_crop is torch's
-antialiased resize, close to Pillow's fixed-point one.
+cubic) or, with exact=True, with Pillow's own arithmetic (bit-identical, slower). resized_crop is Pillow's
+fixed-point resize in integers: exact, and the same on every device.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# Bumped whenever a kernel's pixels change (recorded in a tensor cache's manifest, named when its views drift):
+# 1: torch's float antialiased resize; 2: Pillow's integer resize (exact, the same on every device).
+REVISION = 2
 _MODES = ("bicubic", "bilinear", "nearest")
 # Pillow truncates interpolated values; grid_sample's float32 result for a pixel Pillow finds exactly (flat areas,
 # identity, whole-pixel shifts) can land 1e-5 below it, so truncate after this nudge (measured best of 0..0.03)
@@ -46,16 +49,100 @@ def _check_mode(interpolation: str) -> str:
 # ---------------------------------------------------------------------------------------------- crop and flip
 
 def resized_crop(img: torch.Tensor, top: int, left: int, height: int, width: int, size: int,
-                 interpolation: str = "bicubic") -> torch.Tensor:
-    """One image [3, H, W]: crop, then resize to [3, size, size] with antialiasing (what PIL's resize does when
-    it shrinks; torch's antialiased bicubic uses PIL's a = -0.5 kernel)."""
+                 interpolation: str = "bicubic", taps=None) -> torch.Tensor:
+    """One image [3, H, W]: crop, then resize to [3, size, size] with Pillow's own arithmetic, so the pixels are
+    Pillow's exactly (`img.crop(box).resize((size, size), filter)`, what timm's RandomResizedCrop does).
+
+    Pillow resamples in two separable passes (each rounded to uint8) with filter weights computed in float64,
+    normalised and turned into 22-bit fixed point; the sums are integers. So are ours: the weights come from the
+    host in Pillow's order (`resize_taps`), the sums are float64 matmuls of integers, exact on any device and
+    BLAS. So the result is the same on every device, not only close. `taps`: `resize_taps(...)` already on the
+    device (a batch moves all its views' taps in one copy)."""
     mode = _check_mode(interpolation)
-    crop = img[None, :, top:top + height, left:left + width].float()
+    crop = img[:, top:top + height, left:left + width]
+    if height == size and width == size:
+        return crop.clone()  # Pillow copies
     if mode == "nearest":
-        out = F.interpolate(crop, size=(size, size), mode="nearest")
-    else:
-        out = F.interpolate(crop, size=(size, size), mode=mode, antialias=True, align_corners=False)
-    return torch.round(out[0]).clamp_(0, 255).to(torch.uint8)  # Pillow's resize rounds too (fixed point)
+        return _nearest(crop, size)
+    if taps is None:
+        taps = [None if t is None else tuple(torch.from_numpy(a).to(img.device) for a in t)
+                for t in resize_taps(height, width, size, mode)]
+    (columns, rows), x = taps, crop.to(torch.float64)
+    # Pillow 13's order (ImagingResampleInner): columns first, unless the height shrinks by more than twice what
+    # the width does; the other order rounds the intermediate image differently
+    vertical_first = height - size > 0 and height - size > 2 * (width - size)
+    for t, along_rows in (((rows, True), (columns, False)) if vertical_first else ((columns, False), (rows, True))):
+        if t is not None:
+            x = _resample_pass(x.transpose(1, 2), *t).transpose(1, 2) if along_rows else _resample_pass(x, *t)
+    return x.to(torch.uint8).contiguous()
+
+
+# Pillow's filters (Resample.c): support and weight, evaluated in float64 in Pillow's order of operations
+def _bicubic_weight(x: np.ndarray) -> np.ndarray:
+    a = -0.5
+    x = np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def _bilinear_weight(x: np.ndarray) -> np.ndarray:
+    x = np.abs(x)
+    return np.where(x < 1.0, 1.0 - x, 0.0)
+
+
+_FILTERS = {"bicubic": (2.0, _bicubic_weight), "bilinear": (1.0, _bilinear_weight)}
+_PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point for 8-bit images
+
+
+def resize_taps(height: int, width: int, size: int, mode: str):
+    """The taps of both passes of `resized_crop` for a crop of height x width: [(index, weight) of the columns'
+    pass or None, same of the rows'], each [size, k] int32 NumPy arrays (None: Pillow skips that pass)."""
+    return [_taps(n, size, mode) if n != size else None for n in (width, height)]
+
+
+def _taps(in_size: int, out_size: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's precompute_coeffs + normalize_coeffs_8bpc for a box (0, in_size): per output pixel the input
+    indices and 22-bit integer weights of its window [out, k] (taps past the window weigh 0)."""
+    support, weight = _FILTERS[mode]
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = support * filterscale
+    ksize = int(math.ceil(support)) * 2 + 1
+    center = (np.arange(out_size) + 0.5) * scale
+    xmin = np.maximum(np.trunc(center - support + 0.5).astype(np.int64), 0)  # C's (int) truncates
+    xmax = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - xmin
+    k = np.arange(ksize)
+    w = weight(((k[None, :] + xmin[:, None]) - center[:, None] + 0.5) * (1.0 / filterscale))
+    w = np.where(k[None, :] < xmax[:, None], w, 0.0)
+    total = np.zeros(out_size)
+    for j in range(ksize):  # summed in Pillow's order (numpy's sum is pairwise: other roundings)
+        total = total + w[:, j]
+    w = np.where(total[:, None] != 0.0, w / np.where(total == 0.0, 1.0, total)[:, None], w)
+    fixed = np.where(w < 0, np.trunc(-0.5 + w * (1 << _PRECISION_BITS)), np.trunc(0.5 + w * (1 << _PRECISION_BITS)))
+    index = np.minimum(xmin[:, None] + k[None, :], in_size - 1)
+    return index.astype(np.int32), fixed.astype(np.int32)
+
+
+def _resample_pass(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Pillow's ImagingResampleHorizontal_8bpc along the last dim of [C, R, L] (integer values in float64):
+    sum(pixel * weight) + 2^21, shifted right by 22, clipped to 0..255. As a matmul with the taps spread into a
+    dense [L, out] matrix: exact, since every product and partial sum is an integer below 2^53 (float64 has no
+    TF32 mode either), so any BLAS, blocking or device gives Pillow's sums."""
+    dense = torch.zeros(index.shape[0], x.shape[-1], dtype=torch.float64, device=x.device)
+    dense.scatter_add_(1, index.long(), weight.to(torch.float64))  # padded taps add 0 at the window's edge
+    acc = torch.matmul(x, dense.T).add_(1 << (_PRECISION_BITS - 1))
+    return acc.div_(1 << _PRECISION_BITS).floor_().clamp_(0, 255)  # division by a power of two: exact
+
+
+def _nearest(crop: torch.Tensor, size: int) -> torch.Tensor:
+    """Pillow's resize with NEAREST: an affine scale whose input coordinate is accumulated pixel by pixel
+    (ImagingScaleAffine: xo = a2 + a0 / 2, then xo += a0), truncated."""
+    def coords(n: int) -> torch.Tensor:
+        step = n / size
+        xo = np.add.accumulate(np.concatenate(([0.0 + step * 0.5], np.full(size - 1, step))))  # sequential sums
+        return torch.from_numpy(np.minimum(xo.astype(np.int64), n - 1)).to(crop.device)
+    return crop[:, coords(crop.shape[1])][:, :, coords(crop.shape[2])]
 
 
 def hflip(img: torch.Tensor) -> torch.Tensor:

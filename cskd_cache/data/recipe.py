@@ -191,6 +191,10 @@ def build_eval_transform(recipe: Recipe):
 
 def library_drift(manifest: dict) -> str:
     """The libraries whose version differs from the ones a cache was made with, for drift messages."""
+    from .kernels import REVISION  # data/kernels.py imports nothing of ours
+
     then, now = manifest["recipe"].get("library_versions", {}), library_versions()
     diff = [f"{k} {then[k]} then, {now.get(k)} now" for k in sorted(then) if then[k] != now.get(k)]
+    if "params" in manifest and manifest["params"].get("kernels", 1) != REVISION:  # a --replay tensor cache
+        diff.append(f"cskd-cache's tensor kernels revision {manifest['params'].get('kernels', 1)} then, {REVISION} now")
     return f"; {', '.join(diff)}" if diff else "; the same library versions as now"

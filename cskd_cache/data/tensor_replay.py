@@ -3,10 +3,11 @@
 A loader worker does what costs no pixel work: it reads each image's encoded bytes, takes its size from the header,
 and draws the view's parameters from its seed (data/params.py: timm's own draws). The batch then carries the bytes
 and one int32 record per view; `finish` decodes each image once (torchvision.io on the CPU, nvJPEG on CUDA), crops
-and resizes each view, flips, applies each RandAugment layer batched per op (data/kernels.py), all in uint8 as PIL
-does, then the float steps every backend shares (data/finish.py). Precompute and training both call `finish`, so on
-one kind of device the teacher's pixels and the student's are the same bits; the pixels are not PIL's (other
-resampling kernels and decoder), which is why a cache records its backend and is only used with it.
+and resizes each view (Pillow's integer arithmetic: PIL's pixels, on any device), flips, applies each RandAugment
+layer batched per op (data/kernels.py), all in uint8 as PIL does, then the float steps every backend shares
+(data/finish.py). Precompute and training both call `finish`, so on one kind of device the teacher's pixels and the
+student's are the same bits; the pixels are not exactly PIL's (the geometric RandAugment ops interpolate with
+grid_sample; on CUDA the decoder is nvJPEG), which is why a cache records its backend and is only used with it.
 
 Views are fingerprinted where they are made: on the device, after finishing (the checked ones, copied to the host).
 """
@@ -76,15 +77,15 @@ class DeviceViews:
         except RuntimeError as e:  # torchvision names no image; find it (rare: precompute skips unreadable images)
             raise self._bad(first, encoded, e) from None
         rows = batch["params"].numpy()
-        views = []
         for s, row in zip(samples, rows):
-            img = images[s]
             top, left, h, w = (int(v) for v in row[:4])
-            if top + h > img.shape[1] or left + w > img.shape[2]:
-                raise BadImageError(self._key(s), f"decoded as {tuple(img.shape[1:])} (height, width), but its header "
-                                    f"said otherwise; re-encode it")
-            views.append(kernels.resized_crop(img, top, left, h, w, self.size, INTERPOLATIONS[int(row[4])]))
-        x = torch.stack(views)
+            if top + h > images[s].shape[1] or left + w > images[s].shape[2]:
+                raise BadImageError(self._key(s), f"decoded as {tuple(images[s].shape[1:])} (height, width), but its "
+                                    f"header said otherwise; re-encode it")
+        taps = self._resize_taps(rows, device)
+        x = torch.stack([kernels.resized_crop(images[s], *(int(v) for v in row[:4]), self.size,
+                                              INTERPOLATIONS[int(row[4])], t)
+                         for s, row, t in zip(samples, rows, taps)])
         flip = np.flatnonzero(rows[:, 5])
         if len(flip):
             at = torch.from_numpy(flip).to(device)
@@ -98,6 +99,32 @@ class DeviceViews:
                 at = torch.from_numpy(sel).to(device)
                 x[at] = self._op(KERNELS[k], x[at], args[sel], INTERPOLATIONS[ip], device)
         return x
+
+    def _resize_taps(self, rows: np.ndarray, device: torch.device) -> list:
+        """Every view's resize taps (kernels.resize_taps, Pillow's weights computed on the host) moved to the device
+        in one copy (pinned on CUDA): per-view copies would each wait for the host."""
+        per_view, arrays = [], []
+        for row in rows:
+            mode = INTERPOLATIONS[int(row[4])]
+            taps = kernels.resize_taps(int(row[2]), int(row[3]), self.size, mode) if mode != "nearest" else [None, None]
+            per_view.append(taps)
+            arrays += [a.ravel() for t in taps if t is not None for a in t]
+        if not arrays:
+            return [None] * len(rows)
+        flat = torch.from_numpy(np.concatenate(arrays))
+        flat = (flat.pin_memory() if device.type == "cuda" else flat).to(device, non_blocking=True)
+        out, at = [], 0
+        for taps in per_view:
+            moved = []
+            for t in taps:
+                if t is None:
+                    moved.append(None)
+                    continue
+                n = t[0].size
+                moved.append((flat[at:at + n].view(t[0].shape), flat[at + n:at + 2 * n].view(t[1].shape)))
+                at += 2 * n
+            out.append(moved)
+        return out
 
     def _op(self, name: str, x: torch.Tensor, args: np.ndarray, interp: str, device) -> torch.Tensor:
         if name in _NO_ARG:

@@ -25,6 +25,7 @@ from ..cache.share import parse_epochs
 from ..data.matching import content_hash
 from ..data.open import open_source
 from ..data.recipe import Recipe
+from ..data import kernels
 from ..data.params import Drawer
 from ..data.plan import make_epoch_plan
 from ..data.replay import collate_pairs, pair_items
@@ -111,7 +112,8 @@ def build_manifest(cfg: PrecomputeConfig, source, teacher_info: dict, grid, num_
                    bad: list[str], encoding) -> dict:
     params = cfg.recipe.plan_params(len(source), cfg.epochs, cfg.seed, cfg.repeats)
     tensor = cfg.recipe.replay == "tensor"  # format 4: each view's augmentation parameters are stored
-    extra = {"params": Drawer(cfg.recipe).describe()} if tensor else {}
+    # the kernels' revision too: a revision that changes pixels is then named when views drift
+    extra = {"params": Drawer(cfg.recipe).describe() | {"kernels": kernels.REVISION}} if tensor else {}
     return {
         "format": store.FORMAT, "format_version": store.FORMAT_VERSION if tensor else store.PIL_FORMAT_VERSION,
         **extra,
