@@ -262,3 +262,14 @@ def test_resized_crop_and_parameters_as_numbers(photos):
     assert out.shape == (3, 16, 16) and out.dtype == torch.uint8
     with pytest.raises(ValueError, match="interpolation"):
         K.rotate(x, 1.0, FILL, "lanczos")
+
+
+def test_a_tensor_cache_of_other_kernels_is_named_when_its_views_drift():
+    """A kernel change alters a tensor cache's pixels like a library upgrade: the drift messages name it."""
+    from cskd_cache.data.recipe import library_drift, library_versions
+
+    made_before = {"recipe": {"library_versions": library_versions()}, "params": {"width": 19}}  # no revision: 1
+    assert f"tensor kernels revision 1 then, {K.REVISION} now" in library_drift(made_before)
+    made_now = {"recipe": {"library_versions": library_versions()}, "params": {"width": 19, "kernels": K.REVISION}}
+    pil = {"recipe": {"library_versions": library_versions()}}
+    assert library_drift(made_now) == library_drift(pil) == "; the same library versions as now"
