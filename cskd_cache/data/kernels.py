@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 # Bumped whenever a kernel's pixels change (recorded in a tensor cache's manifest, named when its views drift):
-# 1: torch's float antialiased resize; 2: Pillow's integer resize (exact, the same on every device).
+# 1: torch's float antialiased resize, grid_sample for the geometric ops; 2: Pillow's arithmetic for both (integer
+# resize, float64 taps): timm's PIL views exactly, the same bits on every device.
 REVISION = 2
 _MODES = ("bicubic", "bilinear", "nearest")
 # Pillow truncates interpolated values; grid_sample's float32 result for a pixel Pillow finds exactly (flat areas,

@@ -3,11 +3,12 @@
 A loader worker does what costs no pixel work: it reads each image's encoded bytes, takes its size from the header,
 and draws the view's parameters from its seed (data/params.py: timm's own draws). The batch then carries the bytes
 and one int32 record per view; `finish` decodes each image once (torchvision.io on the CPU, nvJPEG on CUDA), crops
-and resizes each view (Pillow's integer arithmetic: PIL's pixels, on any device), flips, applies each RandAugment
-layer batched per op (data/kernels.py), all in uint8 as PIL does, then the float steps every backend shares
-(data/finish.py). Precompute and training both call `finish`, so on one kind of device the teacher's pixels and the
-student's are the same bits; the pixels are not exactly PIL's (the geometric RandAugment ops interpolate with
-grid_sample; on CUDA the decoder is nvJPEG), which is why a cache records its backend and is only used with it.
+and resizes each view, flips, applies each RandAugment layer batched per op (data/kernels.py), all in uint8 with
+Pillow's own arithmetic (integer resize, float64 taps for the geometric ops), then the float steps every backend
+shares (data/finish.py). On a CPU the views are timm's PIL views bit for bit (tests/data/test_tensor_views.py); on
+CUDA only nvJPEG's decoder differs from libjpeg-turbo. Precompute and training both call `finish`, so on one kind of
+device the teacher's pixels and the student's are the same bits; a cache still records its backend (and the
+kernels' revision) and is only used with it.
 
 Views are fingerprinted where they are made: on the device, after finishing (the checked ones, copied to the host).
 """
@@ -133,7 +134,7 @@ class DeviceViews:
             return getattr(kernels, name)(x, torch.from_numpy(args.astype(np.int64)).to(device))
         a = torch.from_numpy(args).to(device)
         if name in _GEOMETRIC:
-            return _GEOMETRIC[name](x, a, self.fill, interp)
+            return _GEOMETRIC[name](x, a, self.fill, interp, exact=True)  # Pillow's float64 taps: see kernels
         return getattr(kernels, name)(x, a.to(torch.float32))  # color, contrast, brightness, sharpness
 
     def _key(self, sample: int) -> str:
