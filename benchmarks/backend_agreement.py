@@ -1,9 +1,10 @@
 """Tensor replay vs PIL replay: how much the teacher's targets move between the two backends' pixels, beside how much
 they move with the teacher's own precision (the same PIL pixels in bf16 autocast vs fp32).
 
-Both backends make each view from the same parameters (timm's draws from the view's seed); the tensor backend's
-pixels are not PIL's (torchvision's JPEG decoder, torch's antialiased resize, grid_sample for the geometric
-RandAugment ops). On camera-like JPEGs (640x427, quality 90, scikit-image's photographs) at 224 px with DeiT's full
+Both backends make each view from the same parameters (timm's draws from the view's seed). The tensor backend
+redoes Pillow's arithmetic, so on a CPU its pixels are PIL's (the expected result: 0 differences); on CUDA its JPEG
+decoder is nvJPEG, not libjpeg-turbo (`--device cuda` measures what that changes). The first version of the backend
+(torch's float resize, grid_sample) measured 0.28 levels and 8.5% / 9.8% changed targets here. On camera-like JPEGs (640x427, quality 90, scikit-image's photographs) at 224 px with DeiT's full
 recipe (RandAugment, erasing, mixup/cutmix in pairs, 3 repeats), for the same plan entries:
 
 - pixels: mean |difference| of the uint8 views (after crop, flip and RandAugment; erasing and mixing are the same
