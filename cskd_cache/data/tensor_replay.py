@@ -83,10 +83,11 @@ class DeviceViews:
             if top + h > images[s].shape[1] or left + w > images[s].shape[2]:
                 raise BadImageError(self._key(s), f"decoded as {tuple(images[s].shape[1:])} (height, width), but its "
                                     f"header said otherwise; re-encode it")
-        taps = self._resize_taps(rows, device)
-        x = torch.stack([kernels.resized_crop(images[s], *(int(v) for v in row[:4]), self.size,
-                                              INTERPOLATIONS[int(row[4])], t)
-                         for s, row, t in zip(samples, rows, taps)])
+        order = list(images)  # groups of padded crops: up to 1 GB on a GPU (few launches), 16 MB on a CPU (little
+        # padding: a CPU pays for every padded multiply-add, a GPU for every launch)
+        x = kernels.resized_crops([images[s] for s in order], [order.index(s) for s in samples], rows[:, :4],
+                                  self.size, [INTERPOLATIONS[int(i)] for i in rows[:, 4]],
+                                  budget=1 << (30 if device.type == "cuda" else 24))
         flip = np.flatnonzero(rows[:, 5])
         if len(flip):
             at = torch.from_numpy(flip).to(device)
@@ -100,32 +101,6 @@ class DeviceViews:
                 at = torch.from_numpy(sel).to(device)
                 x[at] = self._op(KERNELS[k], x[at], args[sel], INTERPOLATIONS[ip], device)
         return x
-
-    def _resize_taps(self, rows: np.ndarray, device: torch.device) -> list:
-        """Every view's resize taps (kernels.resize_taps, Pillow's weights computed on the host) moved to the device
-        in one copy (pinned on CUDA): per-view copies would each wait for the host."""
-        per_view, arrays = [], []
-        for row in rows:
-            mode = INTERPOLATIONS[int(row[4])]
-            taps = kernels.resize_taps(int(row[2]), int(row[3]), self.size, mode) if mode != "nearest" else [None, None]
-            per_view.append(taps)
-            arrays += [a.ravel() for t in taps if t is not None for a in t]
-        if not arrays:
-            return [None] * len(rows)
-        flat = torch.from_numpy(np.concatenate(arrays))
-        flat = (flat.pin_memory() if device.type == "cuda" else flat).to(device, non_blocking=True)
-        out, at = [], 0
-        for taps in per_view:
-            moved = []
-            for t in taps:
-                if t is None:
-                    moved.append(None)
-                    continue
-                n = t[0].size
-                moved.append((flat[at:at + n].view(t[0].shape), flat[at + n:at + 2 * n].view(t[1].shape)))
-                at += 2 * n
-            out.append(moved)
-        return out
 
     def _op(self, name: str, x: torch.Tensor, args: np.ndarray, interp: str, device) -> torch.Tensor:
         if name in _NO_ARG:

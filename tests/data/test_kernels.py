@@ -273,3 +273,26 @@ def test_a_tensor_cache_of_other_kernels_is_named_when_its_views_drift():
     made_now = {"recipe": {"library_versions": library_versions()}, "params": {"width": 19, "kernels": K.REVISION}}
     pil = {"recipe": {"library_versions": library_versions()}}
     assert library_drift(made_now) == library_drift(pil) == "; the same library versions as now"
+
+
+def test_resized_crops_of_a_batch_are_each_views_alone():
+    """Views resized together (crops zero-padded to the group's largest, both pass orders, groups split by the
+    memory budget) equal each view resized alone and Pillow's: a view's pixels never depend on its batch."""
+    import skimage.data
+
+    imgs = [Image.fromarray(getattr(skimage.data, n)()).convert("RGB").resize((120, 90), Image.BICUBIC)
+            for n in PHOTOS[:3]]
+    rng = np.random.default_rng(3)
+    boxes, which, modes = [], [], []
+    for i in range(40):
+        h, w = int(rng.integers(5, 91)), int(rng.integers(5, 121))
+        boxes.append((int(rng.integers(0, 91 - h)), int(rng.integers(0, 121 - w)), h, w))
+        which.append(i % 3)
+        modes.append(("bicubic", "bilinear", "nearest")[i % 3 if i % 7 else 0])
+    boxes[0], boxes[1] = (0, 0, 32, 32), (0, 0, 90, 20)  # a copy; rows first (height shrinks far more)
+    together = K.resized_crops([tensor(i) for i in imgs], which, np.array(boxes), 32, modes)
+    split = K.resized_crops([tensor(i) for i in imgs], which, np.array(boxes), 32, modes, budget=3 * 8 * 60 * 60)
+    assert torch.equal(together, split)
+    for i, (top, left, h, w) in enumerate(boxes):
+        want = TF.resized_crop(imgs[which[i]], top, left, h, w, [32, 32], TF.InterpolationMode(modes[i]))
+        assert np.array_equal(array(together[i]), np.asarray(want)), (i, boxes[i], modes[i])
