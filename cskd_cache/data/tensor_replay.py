@@ -83,11 +83,11 @@ class DeviceViews:
             if top + h > images[s].shape[1] or left + w > images[s].shape[2]:
                 raise BadImageError(self._key(s), f"decoded as {tuple(images[s].shape[1:])} (height, width), but its "
                                     f"header said otherwise; re-encode it")
-        order = list(images)  # groups of padded crops: up to 1 GB on a GPU (few launches), 16 MB on a CPU (little
+        order = list(images)  # groups of padded crops: up to 512 MB on a GPU (few launches), 16 MB on a CPU (little
         # padding: a CPU pays for every padded multiply-add, a GPU for every launch)
         x = kernels.resized_crops([images[s] for s in order], [order.index(s) for s in samples], rows[:, :4],
                                   self.size, [INTERPOLATIONS[int(i)] for i in rows[:, 4]],
-                                  budget=1 << (30 if device.type == "cuda" else 24))
+                                  budget=1 << (29 if device.type == "cuda" else 24))
         flip = np.flatnonzero(rows[:, 5])
         if len(flip):
             at = torch.from_numpy(flip).to(device)
