@@ -11,12 +11,11 @@ Pillow's pixels exactly; enhance ops (color, contrast, brightness, sharpness) re
 exactly and blend as Image.blend does (float32, truncated), so they are exact too; geometric ops compute Pillow's
 AFFINE input points and fill decisions exactly, then interpolate with Pillow's own arithmetic (exact=True, what
 the tensor backend runs: bit-identical, float64) or with grid_sample (close, not equal: another cubic; ~5x faster
-on a CPU). resized_crops is Pillow's fixed-point resize in integers: exact, and the same on every device.
+on a CPU). The crop + resize is in data/resize.py.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -48,146 +47,7 @@ def _check_mode(interpolation: str) -> str:
     return interpolation
 
 
-# ---------------------------------------------------------------------------------------------- crop and flip
-
-def resized_crop(img: torch.Tensor, top: int, left: int, height: int, width: int, size: int,
-                 interpolation: str = "bicubic") -> torch.Tensor:
-    """One image [3, H, W]: crop, then resize to [3, size, size] as Pillow does (see `resized_crops`)."""
-    return resized_crops([img], [0], np.array([[top, left, height, width]]), size, [interpolation])[0]
-
-
-def resized_crops(images: list[torch.Tensor], which, boxes: np.ndarray, size: int, modes: list[str],
-                  budget: int = 1 << 28) -> torch.Tensor:
-    """Views [B, 3, size, size] uint8: view i is images[which[i]] cropped to boxes[i] = (top, left, height, width),
-    resized with modes[i]: Pillow's pixels exactly (`img.crop(box).resize((size, size), filter)`, what timm's
-    RandomResizedCrop does).
-
-    Pillow resamples in two separable passes (each rounded to uint8) with filter weights computed in float64,
-    normalised and turned into 22-bit fixed point; the sums are integers. So are ours: the weights come from the
-    host in Pillow's order (`_taps`), the sums are float64 matmuls of integers, exact whatever the order of
-    summation (every partial sum is an integer below 2^53; float64 has no TF32 mode). So the result is the same
-    on every device and BLAS, and batching cannot change it: views are resized together, their crops zero-padded
-    to the group's largest (zero pixels with zero weights add nothing), a few kernel launches per group of views
-    instead of a dozen per view. Groups hold views of one pass order and at most `budget` bytes of padded crops."""
-    device = images[0].device
-    out = torch.empty((len(boxes), 3, size, size), dtype=torch.uint8, device=device)
-    box = [tuple(int(v) for v in b) for b in boxes]
-    resample = []
-    for i, (top, left, h, w) in enumerate(box):
-        crop = images[which[i]][:, top:top + h, left:left + w]
-        if h == size and w == size:
-            out[i] = crop  # Pillow copies
-        elif _check_mode(modes[i]) == "nearest":
-            out[i] = _nearest(crop, size)
-        else:
-            resample.append(i)
-    # Pillow 13's order (ImagingResampleInner): columns first, unless the height shrinks by more than twice what
-    # the width does; the other order rounds the intermediate image differently
-    rows_first = {i: box[i][2] - size > 0 and box[i][2] - size > 2 * (box[i][3] - size) for i in resample}
-    for first in (False, True):
-        group = sorted((i for i in resample if rows_first[i] == first), key=lambda i: -box[i][2] * box[i][3])
-        while group:
-            n, hs, ws = 1, box[group[0]][2], box[group[0]][3]  # the largest crops first, as many as fit padded
-            while n < len(group):
-                h2, w2 = max(hs, box[group[n]][2]), max(ws, box[group[n]][3])
-                if (n + 1) * 24 * h2 * w2 > budget:  # 3 channels of float64
-                    break
-                n, hs, ws = n + 1, h2, w2
-            chunk, group = group[:n], group[n:]
-            out[chunk] = _resample_group(images, [which[i] for i in chunk], [box[i] for i in chunk], size,
-                                         [modes[i] for i in chunk], first)
-    return out
-
-
-def _resample_group(images, which, boxes, size: int, modes: list[str], rows_first: bool) -> torch.Tensor:
-    device = images[0].device
-    hm, wm = max(b[2] for b in boxes), max(b[3] for b in boxes)
-    x = torch.zeros((len(boxes), 3, hm, wm), dtype=torch.float64, device=device)
-    for j, (top, left, h, w) in enumerate(boxes):
-        x[j, :, :h, :w] = images[which[j]][:, top:top + h, left:left + w]
-    # every view's taps in one host array and one copy (pinned on CUDA), then spread into dense matrices
-    cols = [_taps(b[3], size, m) for b, m in zip(boxes, modes)]
-    rows = [_taps(b[2], size, m) for b, m in zip(boxes, modes)]
-    kc, kr = max(t[0].shape[1] for t in cols), max(t[0].shape[1] for t in rows)
-    host = np.zeros((len(boxes), 4, size, max(kc, kr)), np.int32)  # column index, weight, row index, weight
-    for j, ((ci, cw), (ri, rw)) in enumerate(zip(cols, rows)):
-        host[j, 0, :, :ci.shape[1]], host[j, 1, :, :ci.shape[1]] = ci, cw
-        host[j, 2, :, :ri.shape[1]], host[j, 3, :, :ri.shape[1]] = ri, rw
-    taps = torch.from_numpy(host)
-    taps = (taps.pin_memory() if device.type == "cuda" else taps).to(device, non_blocking=True).long()
-    out_at = torch.arange(size, device=device).view(1, size, 1)
-    dense_c = torch.zeros((len(boxes), wm * size), dtype=torch.float64, device=device)  # [n, in, out] flattened
-    dense_c.scatter_add_(1, (taps[:, 0] * size + out_at).flatten(1), taps[:, 1].flatten(1).double())
-    dense_r = torch.zeros((len(boxes), size * hm), dtype=torch.float64, device=device)  # [n, out, in] flattened
-    dense_r.scatter_add_(1, (out_at * hm + taps[:, 2]).flatten(1), taps[:, 3].flatten(1).double())
-    dense_c, dense_r = dense_c.view(-1, 1, wm, size), dense_r.view(-1, 1, size, hm)
-    if rows_first:
-        x = _fixed_point(_fixed_point(dense_r @ x) @ dense_c)
-    else:
-        x = _fixed_point(dense_r @ _fixed_point(x @ dense_c))
-    return x.to(torch.uint8)
-
-
-def _fixed_point(acc: torch.Tensor) -> torch.Tensor:
-    """Pillow's clip8 of a 22-bit fixed-point sum: (sum + 2^21) >> 22, clipped to 0..255 (exact in float64: the
-    sum is an integer, the division by a power of two is exact, floor is the arithmetic shift)."""
-    return acc.add_(1 << (_PRECISION_BITS - 1)).div_(1 << _PRECISION_BITS).floor_().clamp_(0, 255)
-
-
-# Pillow's filters (Resample.c): support and weight, evaluated in float64 in Pillow's order of operations
-def _bicubic_weight(x: np.ndarray) -> np.ndarray:
-    a = -0.5
-    x = np.abs(x)
-    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
-    far = (((x - 5) * x + 8) * x - 4) * a
-    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
-
-
-def _bilinear_weight(x: np.ndarray) -> np.ndarray:
-    x = np.abs(x)
-    return np.where(x < 1.0, 1.0 - x, 0.0)
-
-
-_FILTERS = {"bicubic": (2.0, _bicubic_weight), "bilinear": (1.0, _bilinear_weight)}
-_PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point for 8-bit images
-
-
-@functools.lru_cache(maxsize=4096)  # crop sides repeat (whole pixels, a few hundred per axis): ~100 us saved each
-def _taps(in_size: int, out_size: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """Pillow's precompute_coeffs + normalize_coeffs_8bpc for a box (0, in_size): per output pixel the input
-    indices and 22-bit integer weights of its window [out, k] (taps past the window weigh 0). Also for
-    in_size == out_size, where Pillow skips the pass: the taps are then the identity, so the result is the same."""
-    support, weight = _FILTERS[mode]
-    scale = in_size / out_size
-    filterscale = max(scale, 1.0)
-    support = support * filterscale
-    ksize = int(math.ceil(support)) * 2 + 1
-    center = (np.arange(out_size) + 0.5) * scale
-    xmin = np.maximum(np.trunc(center - support + 0.5).astype(np.int64), 0)  # C's (int) truncates
-    xmax = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - xmin
-    k = np.arange(ksize)
-    w = weight(((k[None, :] + xmin[:, None]) - center[:, None] + 0.5) * (1.0 / filterscale))
-    w = np.where(k[None, :] < xmax[:, None], w, 0.0)
-    total = np.zeros(out_size)
-    for j in range(ksize):  # summed in Pillow's order (numpy's sum is pairwise: other roundings)
-        total = total + w[:, j]
-    w = np.where(total[:, None] != 0.0, w / np.where(total == 0.0, 1.0, total)[:, None], w)
-    fixed = np.where(w < 0, np.trunc(-0.5 + w * (1 << _PRECISION_BITS)), np.trunc(0.5 + w * (1 << _PRECISION_BITS)))
-    index = np.minimum(xmin[:, None] + k[None, :], in_size - 1).astype(np.int32)
-    fixed = fixed.astype(np.int32)
-    index.flags.writeable = fixed.flags.writeable = False  # shared by the cache
-    return index, fixed
-
-
-def _nearest(crop: torch.Tensor, size: int) -> torch.Tensor:
-    """Pillow's resize with NEAREST: an affine scale whose input coordinate is accumulated pixel by pixel
-    (ImagingScaleAffine: xo = a2 + a0 / 2, then xo += a0), truncated."""
-    def coords(n: int) -> torch.Tensor:
-        step = n / size
-        xo = np.add.accumulate(np.concatenate(([0.0 + step * 0.5], np.full(size - 1, step))))  # sequential sums
-        return torch.from_numpy(np.minimum(xo.astype(np.int64), n - 1)).to(crop.device)
-    return crop[:, coords(crop.shape[1])][:, :, coords(crop.shape[2])]
-
+# ------------------------------------------------------------------------------------------------------- flip
 
 def hflip(img: torch.Tensor) -> torch.Tensor:
     return img.flip(-1)

@@ -23,6 +23,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from ..errors import BadImageError
 from . import kernels
+from .resize import resized_crops
 from .finish import Finisher
 from .fingerprint import SIGNATURES, fingerprint, signature
 from .params import INTERPOLATIONS, KERNELS, NO_OP, Drawer, header_size
@@ -85,7 +86,7 @@ class DeviceViews:
                                     f"header said otherwise; re-encode it")
         order = list(images)  # groups of padded crops: up to 512 MB on a GPU (few launches), 16 MB on a CPU (little
         # padding: a CPU pays for every padded multiply-add, a GPU for every launch)
-        x = kernels.resized_crops([images[s] for s in order], [order.index(s) for s in samples], rows[:, :4],
+        x = resized_crops([images[s] for s in order], [order.index(s) for s in samples], rows[:, :4],
                                   self.size, [INTERPOLATIONS[int(i)] for i in rows[:, 4]],
                                   budget=1 << (29 if device.type == "cuda" else 24))
         flip = np.flatnonzero(rows[:, 5])
