@@ -107,9 +107,13 @@ LossType = _choices("LossType", "hard", "soft")
 AlphaSchedule = _choices("AlphaSchedule", "linear", "x2", "cos", "local")
 Match = _choices("Match", "key", "stem", "content")
 Replay = _choices("Replay", "pil", "tensor")
+Decode = _choices("Decode", "device", "worker")
 REPLAY_HELP = ("How views are made: pil (timm's transform in the loader workers) | tensor (timm's draws in the "
                "workers, pixels by torch kernels on the training device: decode, crop, RandAugment; for GPU nodes "
                "whose cores cannot feed the student). A cache is used with the backend that made it.")
+DECODE_HELP = ("--replay tensor: where JPEGs are decoded. device (nvJPEG on CUDA: least worker CPU; its pixels differ "
+               "a little from libjpeg-turbo's) | worker (libjpeg-turbo in the loader workers, ~0.3 ms of CPU a view "
+               "with 3 repeats: timm's PIL views exactly on every device, so the cache replays exactly anywhere).")
 MATCH_HELP = ("How --data's images are found for the cache's samples: key (the same packaging), stem (file names "
               "without folders and extensions: another packaging of the same images), content (sha256 of each "
               "file; needs precompute --content-hash).")

@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from .app import (MATCH_HELP, REPLAY_HELP, Encoding, Match, Precision, Replay, app, config_option, default_workers,
-                  fail, user_errors)
+from .app import (DECODE_HELP, MATCH_HELP, REPLAY_HELP, Decode, Encoding, Match, Precision, Replay, app,
+                  config_option, default_workers, fail, user_errors)
 
 
 @app.command()
@@ -38,6 +38,7 @@ def precompute(
     seed: int = typer.Option(0, help="Plan seed."),
     input_size: int = typer.Option(224, min=16, help="Augmented view size in pixels."),
     replay: Replay = typer.Option("pil", case_sensitive=False, help=REPLAY_HELP),
+    decode: Decode = typer.Option("device", case_sensitive=False, help=DECODE_HELP),
     auto_augment: str = typer.Option("rand-m9-mstd0.5-inc1", "--auto-augment", "--aa",
                                      help="timm auto-augment spec, or 'none'."),
     re_prob: float = typer.Option(0.25, "--re-prob", "--reprob", min=0.0, max=1.0,
@@ -82,7 +83,8 @@ def precompute(
     encoding, teacher_precision = encoding.value, teacher_precision.value
     recipe = Recipe(input_size=input_size, auto_augment=None if auto_augment.lower() == "none" else auto_augment,
                     re_prob=re_prob, mixup_alpha=mixup, cutmix_alpha=cutmix, mix_prob=mix_prob,
-                    switch_prob=switch_prob, label_smoothing=smoothing, replay=replay.value)
+                    switch_prob=switch_prob, label_smoothing=smoothing, replay=replay.value,
+                    decode=decode.value)
     cfg = PrecomputeConfig(data=data, out=out, teacher=teacher, pretrained=pretrained,
                            teacher_checkpoint=teacher_checkpoint, epochs=epochs, encoding=encoding,
                            ckf_width=ckf_width, topk=topk, global_topk=global_topk, repeats=repeats, seed=seed,

@@ -87,6 +87,7 @@ def command_flags() -> dict[str, set[str]]:
 
 
 FLAGS = command_flags()
+SCOPES["cli/app.py:DECODE_HELP"] = ("precompute",)  # precompute --decode's help
 SCOPES["cli/app.py:_OneLineErrors"] = tuple(FLAGS)  # "(see COMMAND --help)" after any usage error
 COMMAND_WORD = re.compile(r"(?<![\w-])(?:cskd-cache\s+)?(" + "|".join(sorted(map(re.escape, FLAGS), key=len,
                                                                               reverse=True)) + r")(?![\w-])")

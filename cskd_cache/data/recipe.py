@@ -44,12 +44,18 @@ class Recipe:
     # draws applied by torch kernels on the training device (data/tensor_replay.py). Another backend gives other
     # pixels, so it is part of what a cache is; recorded only when it is not "pil" (older caches stay the same).
     replay: str = "pil"
+    # With "tensor": where JPEGs are decoded. "device": on the training device (nvJPEG on CUDA, whose pixels differ
+    # a little from libjpeg-turbo's); "worker": libjpeg-turbo in the loader workers, so the views are timm's PIL
+    # views on every device (more worker CPU). Other pixels, so part of the recipe; recorded only when "worker".
+    decode: str = "device"
     library_versions: dict = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         if d["replay"] == "pil":
             del d["replay"]
+        if d["decode"] == "device":
+            del d["decode"]
         d["library_versions"] = library_versions()
         return d
 
@@ -79,6 +85,10 @@ class Recipe:
             bad.append(f"scale {self.scale} / ratio {self.ratio}")
         if self.replay not in ("pil", "tensor"):
             bad.append(f"--replay {self.replay!r} (pil or tensor)")
+        if self.decode not in ("device", "worker"):
+            bad.append(f"--decode {self.decode!r} (device or worker)")
+        elif self.decode == "worker" and self.replay != "tensor":
+            bad.append("--decode worker (it chooses where --replay tensor decodes; pil decodes in the workers)")
         if self.re_count < 1:
             bad.append(f"re_count {self.re_count} (>= 1)")
         if bad:
@@ -195,6 +205,7 @@ def library_drift(manifest: dict) -> str:
 
     then, now = manifest["recipe"].get("library_versions", {}), library_versions()
     diff = [f"{k} {then[k]} then, {now.get(k)} now" for k in sorted(then) if then[k] != now.get(k)]
-    if "params" in manifest and manifest["params"].get("kernels", 1) != REVISION:  # a --replay tensor cache
-        diff.append(f"cskd-cache's tensor kernels revision {manifest['params'].get('kernels', 1)} then, {REVISION} now")
+    made = manifest.get("params", {}).get("kernels_revision", 1)  # params: a --replay tensor cache
+    if "params" in manifest and made != REVISION:
+        diff.append(f"cskd-cache's tensor kernels revision {made} then, {REVISION} now")
     return f"; {', '.join(diff)}" if diff else "; the same library versions as now"

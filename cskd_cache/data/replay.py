@@ -194,7 +194,8 @@ def collate_pairs(items: list[dict]) -> dict:
     errors = [it["error"] for it in items if "error" in it]
     if errors:
         return {"error": errors[0]}
-    out = {k: torch.cat([it[k] for it in items]) for k in items[0]}
+    out = {k: [t for it in items for t in it[k]] if isinstance(items[0][k], list) else torch.cat([it[k] for it in items])
+           for k in items[0]}
     starts = np.cumsum([0] + [len(it["view"]) for it in items[:-1]])
     out["erase_view"] = torch.cat([it["erase_view"] + int(s) for it, s in zip(items, starts)])
     return out

@@ -72,12 +72,16 @@ class DeviceViews:
         first: dict[int, int] = {}
         for i, s in enumerate(samples):
             first.setdefault(s, i)  # repeats of a sample in the batch: decoded once
-        data = batch["data"]
-        encoded = [data[int(ends[i]) - int(batch["data_len"][i]): int(ends[i])] for i in first.values()]
-        try:
-            images = dict(zip(first, decode(encoded, device)))
-        except RuntimeError as e:  # torchvision names no image; find it (rare: precompute skips unreadable images)
-            raise self._bad(first, encoded, e) from None
+        if "decoded" in batch:  # --decode worker: decoded in the loader workers (a list: sizes differ)
+            images = {s: img.to(device, non_blocking=True)
+                      for s, img in zip(batch["decoded_sample"].tolist(), batch["decoded"])}
+        else:
+            data = batch["data"]
+            encoded = [data[int(ends[i]) - int(batch["data_len"][i]): int(ends[i])] for i in first.values()]
+            try:
+                images = dict(zip(first, decode(encoded, device)))
+            except RuntimeError as e:  # torchvision names no image; find it (rare: precompute skips unreadable ones)
+                raise self._bad(first, encoded, e) from None
         rows = batch["params"].numpy()
         for s, row in zip(samples, rows):
             top, left, h, w = (int(v) for v in row[:4])
@@ -112,6 +116,14 @@ class DeviceViews:
         if name in _GEOMETRIC:
             return _GEOMETRIC[name](x, a, self.fill, interp, exact=True)  # Pillow's float64 taps: see kernels
         return getattr(kernels, name)(x, a.to(torch.float32))  # color, contrast, brightness, sharpness
+
+    def decode_here(self, samples: list[int], datas: list[bytes]) -> list[torch.Tensor]:
+        """Encoded images -> uint8 [3, H, W] on this process's CPU (libjpeg-turbo, as Pillow), one per sample."""
+        encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+        try:
+            return decode(encoded, torch.device("cpu"))
+        except RuntimeError as e:
+            raise self._bad(dict(zip(samples, range(len(samples)))), encoded, e) from None
 
     def _key(self, sample: int) -> str:
         return self.keys[sample] if self.keys is not None else f"sample {sample}"
@@ -165,8 +177,16 @@ class TensorPairDataset(PairDataset):
             return [{"error": str(e)}]
         sig = SIGNATURES[self.signature_kind][2]
         view, sample, label, partner, mode, checked = (torch.from_numpy(a) for a in ints)
-        data = torch.frombuffer(bytearray(b"".join(datas)), dtype=torch.uint8)
-        return [{"view": view, "sample": sample, "data": data,
+        decoded = {}
+        if self.recipe.decode == "worker":  # libjpeg-turbo here, once per sample: Pillow's pixels on any device
+            try:
+                decoded = {"decoded": self.views.decode_here(list(images), [d for d, _ in images.values()]),
+                           "decoded_sample": torch.tensor(list(images), dtype=torch.int64)}
+            except BadImageError as e:
+                return [{"error": str(e)}]
+            datas, lengths = [], np.zeros(n, np.int64)  # the bytes need not travel
+        data = torch.frombuffer(bytearray(b"".join(datas)), dtype=torch.uint8) if datas else torch.zeros(0, dtype=torch.uint8)
+        return [{"view": view, "sample": sample, "data": data, **decoded,
                  "data_len": torch.from_numpy(lengths), "params": torch.from_numpy(rows),
                  "erase_view": torch.tensor(erase_view, dtype=torch.int64),
                  "erase_box": torch.tensor(erase_box, dtype=torch.int64).view(-1, 4),

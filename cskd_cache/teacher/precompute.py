@@ -113,7 +113,7 @@ def build_manifest(cfg: PrecomputeConfig, source, teacher_info: dict, grid, num_
     params = cfg.recipe.plan_params(len(source), cfg.epochs, cfg.seed, cfg.repeats)
     tensor = cfg.recipe.replay == "tensor"  # format 4: each view's augmentation parameters are stored
     # the kernels' revision too: a revision that changes pixels is then named when views drift
-    extra = {"params": Drawer(cfg.recipe).describe() | {"kernels": kernels.REVISION}} if tensor else {}
+    extra = {"params": Drawer(cfg.recipe).describe() | {"kernels_revision": kernels.REVISION}} if tensor else {}
     return {
         "format": store.FORMAT, "format_version": store.FORMAT_VERSION if tensor else store.PIL_FORMAT_VERSION,
         **extra,

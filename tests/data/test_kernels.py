@@ -247,6 +247,7 @@ def test_a_tensor_cache_of_other_kernels_is_named_when_its_views_drift():
 
     made_before = {"recipe": {"library_versions": library_versions()}, "params": {"width": 19}}  # no revision: 1
     assert f"tensor kernels revision 1 then, {K.REVISION} now" in library_drift(made_before)
-    made_now = {"recipe": {"library_versions": library_versions()}, "params": {"width": 19, "kernels": K.REVISION}}
+    made_now = {"recipe": {"library_versions": library_versions()},
+                "params": {"width": 19, "kernels": ["rotate"], "kernels_revision": K.REVISION}}
     pil = {"recipe": {"library_versions": library_versions()}}
     assert library_drift(made_now) == library_drift(pil) == "; the same library versions as now"

@@ -11,8 +11,10 @@ from conftest import all_arrays, one_line, precompute_args, run_cli
 
 from cskd_cache.cache.store import Cache
 from cskd_cache.data.open import open_source
-from cskd_cache.data.params import Drawer
-from cskd_cache.data.replay import _ErasingDraws, _seeded
+from cskd_cache.data import kernels
+from cskd_cache.data.params import KERNELS, Drawer
+from cskd_cache.data.replay import _ErasingDraws, _seeded, pair_items
+from cskd_cache.data.views import pair_dataset
 
 STUDENT = "deit_tiny_distilled_patch16_224"
 
@@ -38,6 +40,8 @@ def test_tensor_cache_trains_like_the_online_teacher(tmp_path, real_photos, teac
     cache = Cache.open(str(out))
     assert cache.complete and cache.manifest["format_version"] == 4 and cache.recipe.replay == "tensor"
     assert cache.manifest["params"]["width"] == Drawer(cache.recipe).width
+    assert cache.manifest["params"]["kernels"] == list(KERNELS) and cache.manifest["params"]["kernels_revision"] == \
+        kernels.REVISION  # the op names the rows index, and which kernels made the pixels
     # the stored parameters are the views' draws (timm's, from each view's seed and its image's size)
     source, drawer, plan = open_source(str(real_photos)), Drawer(cache.recipe), cache.epoch_plan(1)
     stored = np.asarray(zarr.open_group(str(out), mode="r")["views/params"][cache.stride: cache.stride + 8])
@@ -107,3 +111,26 @@ def test_plain_deit_on_the_tensor_backend(tmp_path, real_photos):
                                      "--input-size", "64", "--epochs", "1", "--workers", "0"))
     assert code == 0, text
     assert json.load(open(tmp_path / "none" / "metrics.jsonl"))["train_total"] > 0
+
+
+def test_worker_decode_gives_the_same_views_and_is_recorded(tmp_path, real_photos, teacher_checkpoint):
+    """--decode worker decodes in the loader workers (libjpeg-turbo, Pillow's decoder), so its views are the device
+    decode's on a CPU (and timm's PIL views on any device): the same fingerprints, recorded as another recipe, and the
+    batches carry pixels instead of JPEG bytes."""
+    a, b = tmp_path / "device.zarr", tmp_path / "worker.zarr"
+    assert tensor_cache(real_photos, a, teacher_checkpoint, "--epochs", "1")[0] == 0
+    code, text = tensor_cache(real_photos, b, teacher_checkpoint, "--epochs", "1", "--decode", "worker",
+                              "--workers", "1")
+    assert code == 0, text
+    assert np.array_equal(all_arrays(a)["views/fingerprint"], all_arrays(b)["views/fingerprint"])
+    assert Cache.open(str(b)).recipe.decode == "worker" and "decode" not in Cache.open(str(a)).manifest["recipe"]
+    cache = Cache.open(str(b))
+    dataset = pair_dataset(open_source(str(real_photos)), cache.recipe)
+    batch = dataset.__getitems__(pair_items(cache.epoch_plan, range(6), cache.stride))[0]
+    assert len(batch["data"]) == 0 and all(t.dtype == torch.uint8 and t.shape[0] == 3 for t in batch["decoded"])
+    code, text = run_cli(*train_args(real_photos, tmp_path / "run", "--cache", b, "--workers", "1", "--epochs", "1"))
+    assert code == 0, text
+    code, text = run_cli("verify", b, "--replay", "8", "--data", real_photos, "--device", "cpu")
+    assert code == 0 and "8 replayed views (tensor replay on cpu) match" in text, text
+    one_line(*run_cli(*precompute_args(real_photos, tmp_path / "x.zarr", teacher_checkpoint, "--decode", "worker")),
+             "--decode worker")
