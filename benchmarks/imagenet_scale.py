@@ -125,6 +125,7 @@ def main() -> None:
                                                                 "(makes it first: 25-40 min on 2 cores)")
     ap.add_argument("--only-cache-arm", action="store_true", help="with --cache-arm: skip the other arms")
     args = ap.parse_args()
+    args.cache_arm = args.cache_arm or args.only_cache_arm
     tmp = pathlib.Path(tempfile.mkdtemp())
     os.environ["CSKD_CACHE_INDEX_DIR"] = str(tmp / "tar-index")  # a cold index for the first run, then reused
     samples, shards = (12_800, 8) if args.smoke else (IMAGENET_SAMPLES, 128)

@@ -21,6 +21,7 @@ takes the ratio repeat by repeat (median, min, max).
 
 from __future__ import annotations
 
+import pathlib
 import random
 import statistics
 import tempfile
@@ -156,13 +157,14 @@ def _earlier_main_rows(args) -> list[dict]:
     import json
     from benchmarks.common import RESULTS
 
-    path = RESULTS / ("train_throughput-smoke.json" if args.smoke else "train_throughput.json")
+    path = pathlib.Path(args.out) if args.out else \
+        RESULTS / ("train_throughput-smoke.json" if args.smoke else "train_throughput.json")
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError):
         return []
-    return [dict(r, measured=r.get("measured", doc.get("when"))) for r in doc.get("rows", [])
-            if r.get("student") != args.tiny_student]
+    return [dict(r, measured=r.get("measured", doc.get("when")), machine=r.get("machine", doc.get("machine")))
+            for r in doc.get("rows", []) if r.get("student") != args.tiny_student]
 
 
 if __name__ == "__main__":

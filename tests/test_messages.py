@@ -34,7 +34,8 @@ SCOPES = {
     "cskd_cache/data/webdataset.py": DATA,
     "cskd_cache/data/matching.py": ("train", "verify"),
     "cskd_cache/data/recipe.py": ("precompute", "train", "verify"),
-    "cskd_cache/data/params.py": ("precompute",),  # train meets only recipes a tensor cache already passed
+    "cskd_cache/data/params.py": ("precompute",),
+    "cskd_cache/data/tensor_replay.py": ("precompute", "train", "verify"),  # train meets only recipes a tensor cache already passed
     "cskd_cache/data/recipe.py:Recipe": ("precompute",),  # train builds Recipe(input_size) from checked flags only
     "cskd_cache/cache/lock.py": ("precompute",),
     "cskd_cache/cache/store.py": ("inspect", "verify", "merge", "train", "precompute"),

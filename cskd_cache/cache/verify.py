@@ -40,7 +40,8 @@ def spread_pairs(cache: Cache, count: int) -> list[int]:
 def replayer(cache: Cache, source, match: str, device=None):
     """A function view -> the replayed pair (dict as PairDataset gives it, `image` on `device`), over the cache's
     samples in --data. `--replay tensor` views are made on `device` (their fingerprints too), as training makes
-    them: a cache made on a GPU replays exactly on a GPU, within tolerance on a CPU (another device's kernels)."""
+    them: the kernels give the same bits everywhere, but a cache decoded by nvJPEG (`--decode device` on CUDA)
+    replays within tolerance elsewhere (libjpeg-turbo's pixels); `--decode worker` caches replay exactly anywhere."""
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     ids, _ = match_samples(cache.sample_keys(), cache.sample_labels(), source, match,
                            cache.sample_hashes() if match == "content" else None)

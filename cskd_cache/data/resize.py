@@ -2,10 +2,9 @@
 
 `img.crop(box).resize((size, size), filter)` (what timm's RandomResizedCrop does on a PIL image) is Pillow's
 two-pass fixed-point resampling (Resample.c): filter weights computed in float64, normalised, rounded to 22-bit
-integers; each pass sums integer products and rounds to uint8. Here the weights come from the host in Pillow's
-order of operations and the sums are float64 matmuls of integers, which are exact (every partial sum is an integer
-below 2^53, and float64 has no TF32 mode): the result is Pillow's, on every device and BLAS, however views are
-batched.
+integers; each pass sums integer products over each output pixel's window and rounds to uint8. Here the weights
+come from the host in Pillow's order of operations and the sums are int32, tap by tap, as Pillow's: the result is
+Pillow's on every device (integers have no rounding), however views are batched, and with Pillow's amount of work.
 """
 
 from __future__ import annotations
@@ -31,13 +30,12 @@ def resized_crops(images: list[torch.Tensor], which, boxes: np.ndarray, size: in
     resized with modes[i]: Pillow's pixels exactly (`img.crop(box).resize((size, size), filter)`, what timm's
     RandomResizedCrop does).
 
-    Pillow resamples in two separable passes (each rounded to uint8) with filter weights computed in float64,
-    normalised and turned into 22-bit fixed point; the sums are integers. So are ours: the weights come from the
-    host in Pillow's order (`_taps`), the sums are float64 matmuls of integers, exact whatever the order of
-    summation (every partial sum is an integer below 2^53; float64 has no TF32 mode). So the result is the same
-    on every device and BLAS, and batching cannot change it: views are resized together, their crops zero-padded
-    to the group's largest (zero pixels with zero weights add nothing), a few kernel launches per group of views
-    instead of a dozen per view. Groups hold views of one pass order and at most `budget` bytes of padded crops."""
+    Pillow resamples in two separable passes (each rounded to uint8): every output pixel sums its window's taps,
+    pixel x 22-bit integer weight, in int32. So do we, tap by tap over a batch (the weights come from the host,
+    computed in Pillow's order): integer sums are exact in any order, so the result is Pillow's on every device
+    however views are batched. Views are resized together: crops zero-padded to their group's largest (zero pixels
+    with zero weights add nothing), a few launches per tap and group instead of a dozen per view. Groups hold views
+    of one pass order and about `budget` bytes of padded crops (a single larger view forms its own group)."""
     device = images[0].device
     out = torch.empty((len(boxes), 3, size, size), dtype=torch.uint8, device=device)
     box = [tuple(int(v) for v in b) for b in boxes]
@@ -59,48 +57,61 @@ def resized_crops(images: list[torch.Tensor], which, boxes: np.ndarray, size: in
             n, hs, ws = 1, box[group[0]][2], box[group[0]][3]  # the largest crops first, as many as fit padded
             while n < len(group):
                 h2, w2 = max(hs, box[group[n]][2]), max(ws, box[group[n]][3])
-                if (n + 1) * 24 * h2 * w2 > budget:  # 3 channels of float64
+                if (n + 1) * 12 * h2 * w2 > budget:  # 3 channels of int32
                     break
                 n, hs, ws = n + 1, h2, w2
             chunk, group = group[:n], group[n:]
-            out[chunk] = _resample_group(images, [which[i] for i in chunk], [box[i] for i in chunk], size,
-                                         [modes[i] for i in chunk], first)
+            views = _resample_group(images, [which[i] for i in chunk], [box[i] for i in chunk], size,
+                                    [modes[i] for i in chunk], first)
+            out.index_copy_(0, to_device(np.array(chunk, dtype=np.int64), device), views)
     return out
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without waiting for the device: pinned and non-blocking on CUDA (a plain copy from
+    pageable memory, e.g. indexing with a Python list, waits for every queued kernel)."""
+    t = torch.from_numpy(array)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def _resample_group(images, which, boxes, size: int, modes: list[str], rows_first: bool) -> torch.Tensor:
     device = images[0].device
     hm, wm = max(b[2] for b in boxes), max(b[3] for b in boxes)
-    x = torch.zeros((len(boxes), 3, hm, wm), dtype=torch.float64, device=device)
+    x = torch.zeros((len(boxes), 3, hm, wm), dtype=torch.int32, device=device)
     for j, (top, left, h, w) in enumerate(boxes):
         x[j, :, :h, :w] = images[which[j]][:, top:top + h, left:left + w]
-    # every view's taps in one host array and one copy (pinned on CUDA), then spread into dense matrices
+    # every view's taps in one host array and one copy: [n, column index / weight / row index / weight, size, k]
     cols = [_taps(b[3], size, m) for b, m in zip(boxes, modes)]
     rows = [_taps(b[2], size, m) for b, m in zip(boxes, modes)]
-    kc, kr = max(t[0].shape[1] for t in cols), max(t[0].shape[1] for t in rows)
-    host = np.zeros((len(boxes), 4, size, max(kc, kr)), np.int32)  # column index, weight, row index, weight
+    k = max(t[0].shape[1] for t in cols + rows)
+    host = np.zeros((len(boxes), 4, size, k), np.int32)  # padded taps: index 0, weight 0
     for j, ((ci, cw), (ri, rw)) in enumerate(zip(cols, rows)):
         host[j, 0, :, :ci.shape[1]], host[j, 1, :, :ci.shape[1]] = ci, cw
         host[j, 2, :, :ri.shape[1]], host[j, 3, :, :ri.shape[1]] = ri, rw
-    taps = torch.from_numpy(host)
-    taps = (taps.pin_memory() if device.type == "cuda" else taps).to(device, non_blocking=True).long()
-    out_at = torch.arange(size, device=device).view(1, size, 1)
-    dense_c = torch.zeros((len(boxes), wm * size), dtype=torch.float64, device=device)  # [n, in, out] flattened
-    dense_c.scatter_add_(1, (taps[:, 0] * size + out_at).flatten(1), taps[:, 1].flatten(1).double())
-    dense_r = torch.zeros((len(boxes), size * hm), dtype=torch.float64, device=device)  # [n, out, in] flattened
-    dense_r.scatter_add_(1, (out_at * hm + taps[:, 2]).flatten(1), taps[:, 3].flatten(1).double())
-    dense_c, dense_r = dense_c.view(-1, 1, wm, size), dense_r.view(-1, 1, size, hm)
-    if rows_first:
-        x = _fixed_point(_fixed_point(dense_r @ x) @ dense_c)
-    else:
-        x = _fixed_point(dense_r @ _fixed_point(x @ dense_c))
+    taps = to_device(host, device)
+    passes = [(taps[:, 2].long(), taps[:, 3], 2), (taps[:, 0].long(), taps[:, 1], 3)]  # rows, columns
+    for index, weight, dim in (passes if rows_first else passes[::-1]):
+        x = _pass(x, index, weight, dim)
     return x.to(torch.uint8)
 
 
-def _fixed_point(acc: torch.Tensor) -> torch.Tensor:
-    """Pillow's clip8 of a 22-bit fixed-point sum: (sum + 2^21) >> 22, clipped to 0..255 (exact in float64: the
-    sum is an integer, the division by a power of two is exact, floor is the arithmetic shift)."""
-    return acc.add_(1 << (_PRECISION_BITS - 1)).div_(1 << _PRECISION_BITS).floor_().clamp_(0, 255)
+def _pass(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """One of Pillow's passes (ImagingResample{Horizontal,Vertical}_8bpc) along `dim` of int32 [n, 3, H, W]:
+    out = clip8(2^21 + sum over taps of pixel x weight), index / weight [n, size, k]. As in Pillow the products and
+    sums are int32 (|sum| < 2^31: a pixel is < 2^8, the weights of a window sum to 2^22)."""
+    n, c, h, w = x.shape
+    size = index.shape[1]
+    acc = None
+    for t in range(index.shape[2]):
+        if dim == 3:
+            at = index[:, None, None, :, t].expand(n, c, h, size)
+            term = torch.gather(x, 3, at).mul_(weight[:, None, None, :, t])
+        else:
+            at = index[:, None, :, None, t].expand(n, c, size, w)
+            term = torch.gather(x, 2, at).mul_(weight[:, None, :, None, t])
+        acc = term if acc is None else acc.add_(term)
+    acc.add_(1 << (_PRECISION_BITS - 1))
+    return torch.bitwise_right_shift(acc, _PRECISION_BITS).clamp_(0, 255)  # Pillow's clip8: arithmetic shift
 
 
 # Pillow's filters (Resample.c): support and weight, evaluated in float64 in Pillow's order of operations
@@ -121,7 +132,7 @@ _FILTERS = {"bicubic": (2.0, _bicubic_weight), "bilinear": (1.0, _bilinear_weigh
 _PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point for 8-bit images
 
 
-@functools.lru_cache(maxsize=4096)  # crop sides repeat (whole pixels, a few hundred per axis): ~100 us saved each
+@functools.lru_cache(maxsize=2048)  # crop sides repeat (whole pixels): ~100 us saved each; <= 130 KB an entry
 def _taps(in_size: int, out_size: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
     """Pillow's precompute_coeffs + normalize_coeffs_8bpc for a box (0, in_size): per output pixel the input
     indices and 22-bit integer weights of its window [out, k] (taps past the window weigh 0). Also for
@@ -154,7 +165,7 @@ def _nearest(crop: torch.Tensor, size: int) -> torch.Tensor:
     def coords(n: int) -> torch.Tensor:
         step = n / size
         xo = np.add.accumulate(np.concatenate(([0.0 + step * 0.5], np.full(size - 1, step))))  # sequential sums
-        return torch.from_numpy(np.minimum(xo.astype(np.int64), n - 1)).to(crop.device)
+        return to_device(np.minimum(xo.astype(np.int64), n - 1), crop.device)
     return crop[:, coords(crop.shape[1])][:, :, coords(crop.shape[2])]
 
 

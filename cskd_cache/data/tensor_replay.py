@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-from ..errors import BadImageError
+from ..errors import BadImageError, CacheError
 from . import kernels
-from .resize import resized_crops
+from .resize import resized_crops, to_device
 from .finish import Finisher
 from .fingerprint import SIGNATURES, fingerprint, signature
 from .params import INTERPOLATIONS, KERNELS, NO_OP, Drawer, header_size
@@ -67,6 +67,9 @@ class DeviceViews:
         self.size, self.layers, self.fill, self.keys = recipe.input_size, drawer.layers, drawer.fill, keys
 
     def __call__(self, batch: dict, device: torch.device) -> torch.Tensor:
+        if device.type == "mps":  # the geometric ops are Pillow's float64 arithmetic, which MPS does not have
+            raise CacheError("--replay tensor: its kernels need float64, which Apple's MPS lacks; use --device cpu "
+                             "or a cache made with --replay pil")
         samples = batch["sample"].tolist()
         ends = np.cumsum(batch["data_len"].numpy())
         first: dict[int, int] = {}
@@ -90,12 +93,12 @@ class DeviceViews:
                                     f"header said otherwise; re-encode it")
         order = list(images)  # groups of padded crops: up to 512 MB on a GPU (few launches), 16 MB on a CPU (little
         # padding: a CPU pays for every padded multiply-add, a GPU for every launch)
-        x = resized_crops([images[s] for s in order], [order.index(s) for s in samples], rows[:, :4],
-                                  self.size, [INTERPOLATIONS[int(i)] for i in rows[:, 4]],
-                                  budget=1 << (29 if device.type == "cuda" else 24))
+        x = resized_crops([images[s] for s in order], [order.index(s) for s in samples], rows[:, :4], self.size,
+                          [INTERPOLATIONS[int(i)] for i in rows[:, 4]], budget=1 << (29 if device.type == "cuda" else 24))
+        # indices and arguments travel pinned and non-blocking: a pageable copy would wait for the queued kernels
         flip = np.flatnonzero(rows[:, 5])
         if len(flip):
-            at = torch.from_numpy(flip).to(device)
+            at = to_device(flip, device)
             x[at] = kernels.hflip(x[at])
         for layer in range(self.layers):
             col = 6 + 4 * layer
@@ -103,7 +106,7 @@ class DeviceViews:
             args = np.ascontiguousarray(rows[:, col + 2: col + 4]).view(np.float64)[:, 0]
             for k, ip in sorted({(int(a), int(b)) for a, b in zip(kern, interp) if a != NO_OP}):
                 sel = np.flatnonzero((kern == k) & (interp == ip))
-                at = torch.from_numpy(sel).to(device)
+                at = to_device(sel, device)
                 x[at] = self._op(KERNELS[k], x[at], args[sel], INTERPOLATIONS[ip], device)
         return x
 
@@ -111,8 +114,8 @@ class DeviceViews:
         if name in _NO_ARG:
             return getattr(kernels, name.replace("auto_contrast", "autocontrast"))(x)
         if name in _INT_ARG:
-            return getattr(kernels, name)(x, torch.from_numpy(args.astype(np.int64)).to(device))
-        a = torch.from_numpy(args).to(device)
+            return getattr(kernels, name)(x, to_device(args.astype(np.int64), device))
+        a = to_device(np.ascontiguousarray(args), device)
         if name in _GEOMETRIC:
             return _GEOMETRIC[name](x, a, self.fill, interp, exact=True)  # Pillow's float64 taps: see kernels
         return getattr(kernels, name)(x, a.to(torch.float32))  # color, contrast, brightness, sharpness
