@@ -13,6 +13,7 @@ from cskd_cache.cache.store import Cache
 from cskd_cache.data.open import open_source
 from cskd_cache.data import kernels
 from cskd_cache.data.params import KERNELS, Drawer
+from cskd_cache.data.recipe import library_drift
 from cskd_cache.data.replay import _ErasingDraws, _seeded, pair_items
 from cskd_cache.data.views import pair_dataset
 
@@ -42,6 +43,7 @@ def test_tensor_cache_trains_like_the_online_teacher(tmp_path, real_photos, teac
     assert cache.manifest["params"]["width"] == Drawer(cache.recipe).width
     assert cache.manifest["params"]["kernels"] == list(KERNELS) and cache.manifest["params"]["kernels_revision"] == \
         kernels.REVISION  # the op names the rows index, and which kernels made the pixels
+    assert library_drift(cache.manifest) == "; the same library versions as now"  # nothing to blame on a drift
     # the stored parameters are the views' draws (timm's, from each view's seed and its image's size)
     source, drawer, plan = open_source(str(real_photos)), Drawer(cache.recipe), cache.epoch_plan(1)
     stored = np.asarray(zarr.open_group(str(out), mode="r")["views/params"][cache.stride: cache.stride + 8])
