@@ -15,11 +15,12 @@ the commands a user runs, as fresh processes:
   all 1.28M samples, the product's main path. The cache is made first (its wall time reported) as cheaply as an
   honest finished cache can be on a CPU: 16-px views without RandAugment, erasing or mixing, the tiny 1000-class
   teacher, the `full` encoding (start-up reads keys, plans and shard markers; it does not depend on the recipe or
-  the encoding, which are labelled in the JSON). About 25-40 more minutes on 2 cores; `--only-cache-arm` skips the other arms.
+  the encoding, which are labelled in the JSON). About 45 more minutes on 2 cores (the cache: 40.6 min);
+  `--only-cache-arm` skips the other arms.
 
     python -m benchmarks.imagenet_scale            # about 15 minutes on 2 cores (making the shards: ~3 of them)
     python -m benchmarks.imagenet_scale --smoke    # 12,800 samples in 8 shards
-    python -m benchmarks.imagenet_scale --cache-arm --only-cache-arm --out /tmp/imagenet_scale_cache.json
+    python -m benchmarks.imagenet_scale --only-cache-arm --out benchmarks/results/imagenet_scale_cache_arm.json
 """
 
 from __future__ import annotations
