@@ -50,8 +50,8 @@ def test_checkpoints_from_strangers_never_run_code(tmp_path, image_folder):
 
 
 def _slow_precompute(images, out, ckpt, *extra):
-    """A precompute that takes a few seconds (many small shards), in its own process."""
-    args = precompute_args(images, out, ckpt, "--epochs", "40", *extra)
+    """A precompute that takes a few seconds (16 epochs of small shards), in its own process."""
+    args = precompute_args(images, out, ckpt, "--epochs", "16", *extra)
     return subprocess.Popen([sys.executable, "-m", "cskd_cache", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -75,7 +75,7 @@ def test_one_writer_per_cache_and_a_crashed_writer_does_not_block(tmp_path, imag
     first = _slow_precompute(image_folder, out, teacher_checkpoint)
     _wait_for_shards(out, 2, first)
     assert first.poll() is None, first.communicate()
-    code, text = run_cli(*precompute_args(image_folder, out, other, "--epochs", "40", "--overwrite"))
+    code, text = run_cli(*precompute_args(image_folder, out, other, "--epochs", "16", "--overwrite"))
     one_line(code, text, "being written by another precompute", f"pid {first.pid}")
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
     cache = Cache.open(str(out))
@@ -86,7 +86,7 @@ def test_one_writer_per_cache_and_a_crashed_writer_does_not_block(tmp_path, imag
     second.send_signal(signal.SIGKILL)
     second.wait()
     assert os.path.exists(str(out) + ".lock")
-    code, text = run_cli(*precompute_args(image_folder, out, other, "--epochs", "40"))
+    code, text = run_cli(*precompute_args(image_folder, out, other, "--epochs", "16"))
     assert code == 0 and "complete" in text, text
 
 
